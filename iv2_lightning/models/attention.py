@@ -28,7 +28,7 @@ BACKENDS: tuple[str, ...] = ("auto", "sdpa", "math", "flash")
 def _flash_attn():
     """The flash-attn module, or None when the extension is not installed (checked once)."""
     try:
-        import flash_attn  # noqa: PLC0415
+        import flash_attn
     except Exception:  # ImportError, or an extension built for another torch
         return None
     return flash_attn
@@ -66,7 +66,11 @@ def _check_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding
 
 
 def _combine_masks(
-    q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None, attn_mask: torch.Tensor | None, causal: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    attn_mask: torch.Tensor | None,
+    causal: bool,
 ) -> torch.Tensor | None:
     """One boolean mask (True = may attend) broadcastable to [B, H, Nq, Nk], or None."""
     mask = None

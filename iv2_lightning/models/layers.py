@@ -132,7 +132,9 @@ class PoolCrossAttention(nn.Module):
         self.v_bias = nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, out_dim)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None) -> torch.Tensor:
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask=None
+    ) -> torch.Tensor:
         b, nq, d = q.shape
         nk = k.shape[1]
         h = self.num_heads
@@ -153,7 +155,12 @@ class AttentionPool(nn.Module):
     """
 
     def __init__(
-        self, dim: int, num_heads: int, out_dim: int | None = None, num_queries: int = 0, backend: Backend = "auto"
+        self,
+        dim: int,
+        num_heads: int,
+        out_dim: int | None = None,
+        num_queries: int = 0,
+        backend: Backend = "auto",
     ) -> None:
         super().__init__()
         self.num_queries = num_queries

@@ -36,7 +36,9 @@ def sincos_3d(dim: int, grid_t: int, grid_h: int, grid_w: int, cls_token: bool =
         raise ValueError(f"3D sin-cos embedding needs a width divisible by 4; got {dim}")
     d_t, d_s = dim // 4, dim - dim // 4
     if d_s % 4 != 0:
-        raise ValueError(f"3D sin-cos embedding: the spatial part {d_s} of width {dim} must be divisible by 4")
+        raise ValueError(
+            f"3D sin-cos embedding: the spatial part {d_s} of width {dim} must be divisible by 4"
+        )
     spatial = sincos_2d(d_s, grid_h, grid_w)  # [S, 3D/4]
     temporal = sincos_1d(d_t, torch.arange(grid_t))  # [T, D/4]
     table = torch.cat(
