@@ -8,7 +8,9 @@ from iv2_lightning.cli import main
 
 
 def test_version_via_python_m():
-    out = subprocess.run([sys.executable, "-m", "iv2_lightning", "--version"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "iv2_lightning", "--version"], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == f"iv2-lightning {iv2_lightning.__version__}"
 
 

@@ -5,6 +5,7 @@
 """
 
 from iv2_lightning.models.attention import Attention, CrossAttention, attention, flash_available
+from iv2_lightning.models.audio import AudioEncoder, AudioOutput, compute_fbank
 from iv2_lightning.models.backbone import (
     OFFICIAL_PARAM_COUNTS,
     PRESETS,
@@ -16,39 +17,99 @@ from iv2_lightning.models.backbone import (
     count_parameters,
     preset_config,
 )
+from iv2_lightning.models.fusion import CrossModalFusion, FusionOutput
+from iv2_lightning.models.heads import (
+    CausalDecoder,
+    ClassificationHead,
+    DistillHead,
+    MatchingHead,
+    NextTokenLoss,
+    PixelDecoder,
+    ProjectionHead,
+    next_token_loss,
+    norm_pixel_targets,
+    patchify,
+    pixel_reconstruction_loss,
+    sample_hard_negatives,
+    unpatchify,
+)
 from iv2_lightning.models.layers import AttentionPool, Block, DropPath, LayerScale, Mlp, masked_mean
+from iv2_lightning.models.losses import (
+    CosineDistillLoss,
+    InfoNCELoss,
+    MatchingLoss,
+    gather_no_grad,
+    gather_with_grad,
+)
 from iv2_lightning.models.masking import attention_guided_mask, make_mask, random_mask, tube_mask
 from iv2_lightning.models.pos_embed import interpolate_pos_embed_3d, sincos_1d, sincos_2d, sincos_3d
 from iv2_lightning.models.temporal import HierarchicalTemporalEncoder, HTEOutput
+from iv2_lightning.models.text import (
+    ByteTokenizer,
+    HFTextEncoder,
+    HFTokenizer,
+    TextEncoder,
+    TextOutput,
+    TokenizedText,
+)
 
 __all__ = [
     "OFFICIAL_PARAM_COUNTS",
     "PRESETS",
     "Attention",
     "AttentionPool",
+    "AudioEncoder",
+    "AudioOutput",
     "Block",
+    "ByteTokenizer",
+    "CausalDecoder",
+    "ClassificationHead",
+    "CosineDistillLoss",
     "CrossAttention",
+    "CrossModalFusion",
+    "DistillHead",
     "DividedBlock",
     "DropPath",
+    "FusionOutput",
+    "HFTextEncoder",
+    "HFTokenizer",
     "HTEOutput",
     "HierarchicalTemporalEncoder",
+    "InfoNCELoss",
     "LayerScale",
+    "MatchingHead",
+    "MatchingLoss",
     "Mlp",
+    "NextTokenLoss",
     "PatchEmbed3D",
+    "PixelDecoder",
+    "ProjectionHead",
+    "TextEncoder",
+    "TextOutput",
+    "TokenizedText",
     "VideoEncoder",
     "VideoEncoderOutput",
     "attention",
     "attention_guided_mask",
     "build_video_encoder",
+    "compute_fbank",
     "count_parameters",
     "flash_available",
+    "gather_no_grad",
+    "gather_with_grad",
     "interpolate_pos_embed_3d",
     "make_mask",
     "masked_mean",
+    "next_token_loss",
+    "norm_pixel_targets",
+    "patchify",
+    "pixel_reconstruction_loss",
     "preset_config",
     "random_mask",
+    "sample_hard_negatives",
     "sincos_1d",
     "sincos_2d",
     "sincos_3d",
     "tube_mask",
+    "unpatchify",
 ]
