@@ -11,7 +11,9 @@ Two block types share one encoder:
   then attention within each frame. The cls token is left out of temporal attention and, in
   spatial attention, a copy of it joins every frame; the copies' updates are averaged.
 
-Masked tokens are dropped before the first block, so the cost follows the visible count. The
+Masked tokens are dropped before the first block, so the cost follows the visible count.
+``frame_wise=True`` is the order-free ablation: no attention across frames and one position table
+for every frame, so the encoder sees the clip as an unordered bag of frames. The
 presets reproduce the official widths, depths and heads; their parameter counts match the official
 vision encoders (with the attention pool, without a classifier).
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -151,7 +154,8 @@ class DividedBlock(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
-        x = x + self.drop_path(self.ls_t(layout.temporal(self.attn_t, self.norm_t(x))))
+        if not layout.frame_wise:
+            x = x + self.drop_path(self.ls_t(layout.temporal(self.attn_t, self.norm_t(x))))
         x = x + self.drop_path(self.ls1(layout.spatial(self.attn, self.norm1(x))))
         return x + self.drop_path(self.ls2(self.mlp(self.norm2(x))))
 
@@ -165,8 +169,17 @@ class _Layout:
     (temporal) or the same frame (spatial) see each other.
     """
 
-    def __init__(self, batch: int, t: int, s: int, has_cls: bool, keep_index: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        batch: int,
+        t: int,
+        s: int,
+        has_cls: bool,
+        keep_index: torch.Tensor | None,
+        frame_wise: bool = False,
+    ) -> None:
         self.b, self.t, self.s, self.has_cls = batch, t, s, has_cls
+        self.frame_wise = frame_wise
         self.p = 1 if has_cls else 0
         self.temporal_mask = self.spatial_mask = None
         if keep_index is not None:
@@ -208,6 +221,12 @@ class _Layout:
         return torch.cat([cls_out, patch_out], dim=1)
 
 
+def _frame_wise_joint_block(blk: Block, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
+    """A joint block whose attention is confined to each frame (the ``frame_wise`` ablation)."""
+    x = x + blk.drop_path(blk.ls1(layout.spatial(blk.attn, blk.norm1(x))))
+    return x + blk.drop_path(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
 class VideoEncoder(nn.Module):
     """Video ``[B, 3, T, H, W]`` (+ optional drop mask ``[B, N]``) → :class:`VideoEncoderOutput`.
 
@@ -237,6 +256,7 @@ class VideoEncoder(nn.Module):
         clip_embed_dim: int = 768,
         attn_pool_heads: int = 16,
         grad_checkpointing: bool | int = False,
+        frame_wise: bool = False,
         backend: Backend = "auto",
     ) -> None:
         super().__init__()
@@ -254,6 +274,7 @@ class VideoEncoder(nn.Module):
         self.patch_size = patch_size
         self.tubelet_size = tubelet_size
         self.grad_checkpointing = grad_checkpointing
+        self.frame_wise = frame_wise
         self.num_prefix = 1 if use_cls_token else 0
         self.grid_size = (num_frames // tubelet_size, image_size // patch_size, image_size // patch_size)
         self.num_patches = math.prod(self.grid_size)
@@ -305,7 +326,13 @@ class VideoEncoder(nn.Module):
     # -- forward -----------------------------------------------------------------------------
 
     def _pos_embed_for(self, grid: tuple[int, int, int]) -> torch.Tensor:
-        return interpolate_pos_embed_3d(self.pos_embed, self.grid_size, grid, self.num_prefix)
+        pos = interpolate_pos_embed_3d(self.pos_embed, self.grid_size, grid, self.num_prefix)
+        if self.frame_wise:  # the same table for every frame: time is no longer encoded
+            t, h, w = grid
+            p = self.num_prefix
+            per_frame = pos[:, p:].reshape(1, t, h * w, -1).mean(dim=1, keepdim=True).expand(1, t, h * w, -1)
+            pos = torch.cat([pos[:, :p], per_frame.reshape(1, t * h * w, -1)], dim=1)
+        return pos
 
     def _check_mask(self, mask: torch.Tensor, batch: int, n: int, grid) -> torch.Tensor:
         if mask.dtype != torch.bool:
@@ -330,10 +357,12 @@ class VideoEncoder(nn.Module):
             and torch.is_grad_enabled()
             and (ckpt is True or (not isinstance(ckpt, bool) and i < int(ckpt)))
         )
-        args = (x,) if layout is None else (x, layout)
+        fn, args = blk, ((x,) if layout is None else (x, layout))
+        if isinstance(blk, Block) and layout is not None:  # a joint block run frame by frame
+            fn = partial(_frame_wise_joint_block, blk)
         if use_ckpt:
-            return checkpoint(blk, *args, use_reentrant=False)
-        return blk(*args)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def forward(
         self, video: torch.Tensor, mask: torch.Tensor | None = None, return_hidden: int = 0
@@ -355,8 +384,10 @@ class VideoEncoder(nn.Module):
             x = torch.cat([cls.to(x.dtype), x], dim=1)
 
         layout = None
-        if self.attention == "divided":
-            layout = _Layout(b, grid[0], grid[1] * grid[2], self.cls_token is not None, keep_index)
+        if self.attention == "divided" or self.frame_wise:
+            layout = _Layout(
+                b, grid[0], grid[1] * grid[2], self.cls_token is not None, keep_index, self.frame_wise
+            )
         hidden: list[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):
             x = self._run_block(i, blk, x, layout)

@@ -185,6 +185,34 @@ class AttentionPool(nn.Module):
         out = self.cross_attn(self.norm1_q(q), self.norm1_k(x), self.norm1_v(x), key_padding_mask)
         return out.squeeze(1) if self.num_queries == 0 else out
 
+    @torch.no_grad()
+    def attention_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, N]``: how much the (first) pooling query attends to each token, averaged over heads.
+
+        UMT / InternVideo2 stage 1 draw the visible tokens of the student from these weights of the
+        teacher (attention-guided masking).
+        """
+        q = (
+            x.mean(dim=1, keepdim=True)
+            if self.num_queries == 0
+            else self.query[None, :1].expand(x.shape[0], 1, -1)
+        )
+        ca = self.cross_attn
+        b, n, d = x.shape
+        h = ca.num_heads
+        qh = (
+            nn.functional.linear(self.norm1_q(q), ca.q.weight, ca.q_bias)
+            .view(b, 1, h, d // h)
+            .transpose(1, 2)
+        )
+        kh = (
+            nn.functional.linear(self.norm1_k(x), ca.k.weight, ca.k_bias)
+            .view(b, n, h, d // h)
+            .transpose(1, 2)
+        )
+        scores = (qh @ kh.transpose(-2, -1)) / (d // h) ** 0.5  # [B, H, 1, N]
+        return scores.float().softmax(dim=-1).mean(dim=1)[:, 0]
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None, dim: int = 1) -> torch.Tensor:
     """Mean of ``x`` over ``dim`` counting only positions where ``mask`` is True (mean pooling)."""

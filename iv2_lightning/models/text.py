@@ -419,3 +419,11 @@ class HFTextEncoder(nn.Module):
         tokens = self.model(input_ids=ids, attention_mask=mask.long(), **kwargs).last_hidden_state
         cls = tokens[:, 0] if self.pooling == "cls" else masked_mean(tokens, mask)
         return TextOutput(cls=cls, tokens=tokens, mask=mask)
+
+
+def build_tokenizer(spec: str = "byte", max_length: int = 32) -> ByteTokenizer | HFTokenizer:
+    """``"byte"`` → the built-in :class:`ByteTokenizer`; anything else is a local Hugging Face
+    tokenizer folder (:class:`HFTokenizer`, never downloaded)."""
+    if spec == "byte":
+        return ByteTokenizer(max_length=max_length)
+    return HFTokenizer(spec, max_length=max_length)

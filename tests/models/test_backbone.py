@@ -322,3 +322,28 @@ def test_divided_tiny_model_learns_motion_direction():
     with torch.no_grad():
         acc = (head(enc(v).pooled).argmax(1) == y).float().mean().item()
     assert acc > 0.9, acc
+
+
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_frame_wise_encoder_is_blind_to_frame_order(attention):
+    enc = small(attention, frame_wise=True)
+    v = video()
+    perm = torch.tensor([2, 0, 3, 1])
+    out, shuffled = enc(v), enc(v[:, :, perm])
+    torch.testing.assert_close(shuffled.pooled, out.pooled, atol=1e-5, rtol=1e-5)
+    patches = out.patch_tokens.reshape(2, 4, 16, -1)
+    torch.testing.assert_close(
+        shuffled.patch_tokens.reshape(2, 4, 16, -1), patches[:, perm], atol=1e-5, rtol=1e-5
+    )
+    # the normal encoder does care about the order
+    enc.frame_wise = False
+    assert (enc(v).pooled - enc(v[:, :, perm]).pooled).abs().max() > 1e-4
+
+
+def test_frame_wise_masked_and_checkpointed_paths_agree():
+    enc = small("joint", frame_wise=True)
+    v = video()
+    full = enc(v).tokens
+    torch.testing.assert_close(
+        enc(v, mask=torch.zeros(2, 64, dtype=torch.bool)).tokens, full, atol=1e-5, rtol=1e-5
+    )
