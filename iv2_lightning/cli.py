@@ -1,18 +1,58 @@
 """The ``iv2`` command line.
 
-For now it answers ``--help``, ``--version`` and ``presets`` (the table of video encoder sizes);
-the Lightning subcommands (fit, validate, test, predict, curriculum) arrive with the curriculum.
+``iv2 COMMAND ...`` dispatches on the first word:
+
+* ``fit | validate | test | predict``: a LightningCLI (subclass mode for model and data, so a config
+  names ``model.class_path`` and ``data.class_path``; the data's ``num_frames``, ``image_size`` and
+  ``tokenizer`` are linked into the model; TensorBoard logger, Rich progress bar, seed 0 by default);
+* ``curriculum``: stage 1 → 2 → 3 → action probe, each a ``fit`` in its own folder
+  (:mod:`iv2_lightning.curriculum`);
+* tool commands (presets, synth, prepare, segment): plain argparse programs that live next to the
+  code they drive and are imported only when run, so ``iv2 --help`` stays fast.
 """
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+from collections.abc import Callable
 
 from iv2_lightning import __version__
 
+LIGHTNING_COMMANDS = {
+    "fit": "train a stage (iv2 fit --config configs/stage2/tiny.yaml)",
+    "validate": "run the validation loop of a stage on a checkpoint",
+    "test": "run the test loop (e.g. iv2 test --config configs/eval/retrieval.yaml)",
+    "predict": "run the predict loop",
+}
 
-def _presets(_: argparse.Namespace) -> int:
+#: command → ("module:function", one-line help). Each function takes the remaining argv.
+TOOLS: dict[str, tuple[str, str]] = {
+    "curriculum": (
+        "iv2_lightning.curriculum:curriculum_main",
+        "run stage 1 -> 2 -> 3 -> action probe from one YAML",
+    ),
+    "presets": (
+        "iv2_lightning.cli:presets_main",
+        "print the video encoder presets and their parameter counts",
+    ),
+    "synth": (
+        "iv2_lightning.data.synthetic:synth_main",
+        "write synthetic clips as mp4 files + annotations.jsonl",
+    ),
+    "prepare": (
+        "iv2_lightning.data.tools:prepare_main",
+        "annotation file + media -> LitData streaming shards",
+    ),
+    "segment": (
+        "iv2_lightning.data.tools:segment_main",
+        "split long videos into scene clips (annotation rows)",
+    ),
+}
+
+
+def presets_main(argv: list[str] | None = None) -> int:
+    import argparse
     import shutil
 
     from rich.console import Console
@@ -20,6 +60,7 @@ def _presets(_: argparse.Namespace) -> int:
 
     from iv2_lightning.models import OFFICIAL_PARAM_COUNTS, PRESETS, count_parameters
 
+    argparse.ArgumentParser(prog="iv2 presets", description=TOOLS["presets"][1]).parse_args(argv)
     table = Table(title="VideoEncoder presets (parameters counted on the meta device)")
     for col in (
         "preset",
@@ -53,25 +94,48 @@ def _presets(_: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="iv2",
-        description="iv2_lightning: InternVideo2 video foundation model components on PyTorch Lightning.",
-    )
-    parser.add_argument("--version", action="version", version=f"iv2-lightning {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("presets", help="print the video encoder presets and their parameter counts")
-    p.set_defaults(func=_presets)
-    return parser
+def _resolve(target: str) -> Callable[[list[str]], int]:
+    module, func = target.split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def lightning_main(argv: list[str]) -> int:
+    from iv2_lightning.lightning_cli import run_lightning_cli
+
+    run_lightning_cli(argv)
+    return 0
+
+
+def usage() -> str:
+    width = max(len(c) for c in [*TOOLS, *LIGHTNING_COMMANDS])
+    lines = [
+        "usage: iv2 COMMAND [ARGS...]   (iv2 COMMAND --help for the arguments of one command)",
+        "",
+        "iv2_lightning: InternVideo2 video foundation model components on PyTorch Lightning.",
+        "",
+        "commands:",
+    ]
+    lines += [f"  {name:<{width}}  {help_}" for name, help_ in LIGHTNING_COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in TOOLS.items()]
+    lines += ["", "options:", "  -h, --help     show this message", "  --version      print the version"]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if getattr(args, "func", None) is None:
-        parser.print_help()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return 0
-    return int(args.func(args))
+    if argv[0] == "--version":
+        print(f"iv2-lightning {__version__}")
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command in LIGHTNING_COMMANDS:
+        return lightning_main(argv)
+    if command in TOOLS:
+        return int(_resolve(TOOLS[command][0])(rest) or 0)
+    print(f"iv2: unknown command {command!r}\n\n{usage()}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

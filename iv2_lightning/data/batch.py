@@ -43,6 +43,15 @@ class VideoSample:
 
 
 @dataclass
+class SkippedSample:
+    """What a streaming dataset returns in place of a clip it could not read (``on_error="skip"``);
+    the collate drops it and keeps ``(path, reason)`` in the batch's ``meta[0]["skipped"]``."""
+
+    path: str
+    reason: str
+
+
+@dataclass
 class VideoBatch:
     """A collated batch.
 
@@ -196,9 +205,16 @@ class VideoCollate:
             tmask[i, : len(t)] = torch.tensor(t)
         return out, mask, tmask
 
-    def __call__(self, samples: Sequence[VideoSample]) -> VideoBatch:
+    def __call__(self, samples: Sequence[VideoSample | SkippedSample]) -> VideoBatch:
         if not samples:
             raise ValueError("cannot collate an empty list of samples")
+        skipped = [(s.path, s.reason) for s in samples if isinstance(s, SkippedSample)]
+        if skipped:
+            samples = [s for s in samples if not isinstance(s, SkippedSample)]
+            if not samples:
+                first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
+                raise RuntimeError(f"every sample of a batch failed to load ({len(skipped)}); first: {first}")
+            samples[0].meta["skipped"] = [*samples[0].meta.get("skipped", []), *skipped]
         shapes = {tuple(s.video.shape) for s in samples}
         if len(shapes) != 1:
             raise ValueError(f"all videos of a batch must have one shape [3, T, H, W]; got {sorted(shapes)}")

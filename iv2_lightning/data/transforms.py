@@ -63,12 +63,16 @@ class VideoTransform:
             raise ValueError(f"video must be [3, T, H, W]; got shape {tuple(video.shape)}")
         rng = rng or random.Random()
         x = video.float() / 255.0 if video.dtype == torch.uint8 else video.float()
-        _, t, h, w = x.shape
+        h, w = x.shape[-2:]
         top, left, ch, cw = self.crop_box(h, w, rng)
         x = x[:, :, top : top + ch, left : left + cw]
         if (ch, cw) != (self.size, self.size):
             x = F.interpolate(
-                x.transpose(0, 1), size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+                x.transpose(0, 1),
+                size=(self.size, self.size),
+                mode="bilinear",
+                align_corners=False,
+                antialias=True,
             ).transpose(0, 1)
         if self.train and self.flip and rng.random() < 0.5:
             x = x.flip(-1)

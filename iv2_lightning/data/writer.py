@@ -46,11 +46,13 @@ def write_video(
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in DEFAULT_CODECS and (video_codec is None or (audio is not None and audio_codec is None)):
-        raise ValueError(f"unknown container {suffix!r} for {path}; use one of {sorted(DEFAULT_CODECS)} or name the codecs")
+        raise ValueError(
+            f"unknown container {suffix!r} for {path}; use one of {sorted(DEFAULT_CODECS)} or name the codecs"
+        )
     v_codec, a_codec = DEFAULT_CODECS.get(suffix, (None, None))
     v_codec, a_codec = video_codec or v_codec, audio_codec or a_codec
     arr = _as_uint8_frames(frames)
-    t, h, w, _ = arr.shape
+    h, w = arr.shape[1:3]
     if h % 2 or w % 2:
         raise ValueError(f"frame size {h} x {w} must be even for yuv420p video ({path})")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -80,6 +82,9 @@ def write_video(
                 np.ascontiguousarray(np.clip(wave, -1.0, 1.0)), format="fltp", layout=astream.layout.name
             )
             audio_frame.sample_rate = sample_rate
+            # an explicit start at 0: without it the AAC encoder's priming delay shifts the track late
+            audio_frame.pts = 0
+            audio_frame.time_base = Fraction(1, sample_rate)
             for packet in astream.encode(audio_frame):
                 container.mux(packet)
             for packet in astream.encode():

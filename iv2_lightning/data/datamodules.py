@@ -1,0 +1,450 @@
+"""LightningDataModules: the embedded synthetic data, annotation files over real media, streaming shards.
+
+All three yield :class:`~iv2_lightning.data.batch.VideoBatch` and share one base for batch size,
+workers, tokenizer and the skipped-sample log. Constructor arguments are typed so LightningCLI
+configs can set them (a wrong key or type fails at parse time naming the key).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from iv2_lightning.data.batch import SkippedSample, VideoBatch, VideoCollate, VideoSample
+from iv2_lightning.data.datasets import OnError, SkipLog, VideoTextDataset, collect_skipped
+from iv2_lightning.data.synthetic import SyntheticVideoDataset
+from iv2_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
+from iv2_lightning.data.video_io import VideoDecodeError, read_clip
+from iv2_lightning.models.text import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+Modality = Literal["audio", "caption", "speech", "label", "qa"]
+ALL_MODALITIES: list[Modality] = ["audio", "caption", "speech", "label", "qa"]
+#: the Lightning trainer stage that reads each split (the keys of ``skip_logs``)
+STAGE_OF_SPLIT = {"train": "train", "val": "validate", "test": "test", "predict": "predict"}
+
+
+class VideoDataModuleBase(L.LightningDataModule):
+    """What every video DataModule shares: loaders, collate (tokenizer), skipped-sample log."""
+
+    def __init__(
+        self,
+        num_frames: int = 8,
+        image_size: int = 224,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        modalities: list[Modality] | None = None,
+        tokenizer: str = "byte",
+        max_text_length: int = 32,
+        max_audio_frames: int = 1024,
+        pin_memory: bool = False,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        super().__init__()
+        self.num_frames = num_frames
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.modalities = list(ALL_MODALITIES if modalities is None else modalities)
+        bad = sorted(set(self.modalities) - set(ALL_MODALITIES))
+        if bad:
+            raise ValueError(f"unknown modalities {bad}; choose from {ALL_MODALITIES}")
+        self.tokenizer_name = tokenizer
+        self.tokenizer = build_tokenizer(tokenizer)
+        self.max_text_length = max_text_length
+        self.pin_memory = pin_memory
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.collate = VideoCollate(
+            self.tokenizer, max_text_length=max_text_length, max_audio_frames=max_audio_frames
+        )
+        # one log per trainer stage ("train", "validate", "test", "predict"); rows dropped at load go to "train"
+        self.skip_logs: dict[str, SkipLog] = defaultdict(SkipLog)
+        self.datasets: dict[str, Dataset] = {}
+
+    def transform(self, train: bool) -> VideoTransform:
+        return VideoTransform(self.image_size, train=train, mean=self.mean, std=self.std)
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        if split not in self.datasets:
+            raise RuntimeError(f"{type(self).__name__} has no {split!r} data; set it in the config")
+        return DataLoader(
+            self.datasets[split],
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=self.collate,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader("predict" if "predict" in self.datasets else "test", shuffle=False)
+
+    def on_after_batch_transfer(self, batch: VideoBatch, dataloader_idx: int) -> VideoBatch:
+        skipped = collect_skipped(batch.meta)
+        if skipped:
+            trainer = getattr(self, "trainer", None)
+            stage = trainer.state.stage.value if trainer is not None and trainer.state.stage else "train"
+            self.skip_logs["validate" if stage == "sanity_check" else stage].add(skipped)
+        return batch
+
+
+class SyntheticVideoDataModule(VideoDataModuleBase):
+    """The embedded synthetic multimodal clips (no download): see :mod:`iv2_lightning.data.synthetic`."""
+
+    def __init__(
+        self,
+        num_frames: int = 8,
+        image_size: int = 64,
+        batch_size: int = 16,
+        num_workers: int = 0,
+        train_size: int = 2000,
+        val_size: int = 256,
+        test_size: int = 256,
+        seed: int = 0,
+        max_objects: int = 1,
+        fps: float = 8.0,
+        modalities: list[Modality] | None = None,
+        tokenizer: str = "byte",
+        max_text_length: int = 64,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(
+            num_frames=num_frames,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            modalities=modalities,
+            tokenizer=tokenizer,
+            max_text_length=max_text_length,
+            pin_memory=pin_memory,
+        )
+        self.sizes = {"train": train_size, "val": val_size, "test": test_size}
+        self.seed = seed
+        self.max_objects = max_objects
+        self.fps = fps
+
+    def make_dataset(self, split: str) -> SyntheticVideoDataset:
+        return SyntheticVideoDataset(
+            split=split,
+            size=self.sizes[split],
+            num_frames=self.num_frames,
+            image_size=self.image_size,
+            seed=self.seed,
+            fps=self.fps,
+            max_objects=self.max_objects,
+            with_audio="audio" in self.modalities,
+            with_speech="speech" in self.modalities,
+            transform=self.transform(train=False),
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, size in self.sizes.items():
+            if size > 0 and split not in self.datasets:
+                self.datasets[split] = _Select(self.make_dataset(split), self.modalities)
+
+
+class _Select(Dataset):
+    """Drop the modalities a config switched off from the samples of a dataset."""
+
+    def __init__(self, dataset: Dataset, modalities: list[str]) -> None:
+        self.dataset = dataset
+        self.modalities = set(modalities)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> VideoSample:
+        s = self.dataset[index]
+        if "caption" not in self.modalities:
+            s.caption = None
+        if "label" not in self.modalities:
+            s.label = None
+        if "qa" not in self.modalities:
+            s.qa = []
+        return s
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class VideoTextDataModule(VideoDataModuleBase):
+    """Clips listed in annotation files (JSONL / JSON / CSV, see :mod:`iv2_lightning.data.annotations`)."""
+
+    def __init__(
+        self,
+        train_annotations: str | None = None,
+        val_annotations: str | None = None,
+        test_annotations: str | None = None,
+        predict_annotations: str | None = None,
+        root: str | None = None,
+        num_frames: int = 8,
+        image_size: int = 224,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        modalities: list[Modality] | None = None,
+        tokenizer: str = "byte",
+        max_text_length: int = 32,
+        caption_source: Literal["caption", "fused"] = "caption",
+        on_error: OnError = "skip",
+        train_crop_scale: tuple[float, float] = (0.5, 1.0),
+        flip: bool = False,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        pin_memory: bool = False,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            num_frames=num_frames,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            modalities=modalities,
+            tokenizer=tokenizer,
+            max_text_length=max_text_length,
+            pin_memory=pin_memory,
+            mean=mean,
+            std=std,
+        )
+        self.files = {
+            "train": train_annotations,
+            "val": val_annotations,
+            "test": test_annotations,
+            "predict": predict_annotations,
+        }
+        if not any(self.files.values()):
+            raise ValueError("VideoTextDataModule needs at least one of train/val/test/predict_annotations")
+        self.root = root
+        self.caption_source = caption_source
+        self.on_error = on_error
+        self.train_crop_scale = train_crop_scale
+        self.flip = flip
+        self.seed = seed
+
+    def transform(self, train: bool) -> VideoTransform:
+        return VideoTransform(
+            self.image_size,
+            train=train,
+            scale=self.train_crop_scale,
+            flip=self.flip,
+            mean=self.mean,
+            std=self.std,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        for split, path in self.files.items():
+            if path and split not in self.datasets:
+                ds = VideoTextDataset(
+                    path,
+                    root=self.root,
+                    num_frames=self.num_frames,
+                    train=split == "train",
+                    transform=self.transform(split == "train"),
+                    modalities=self.modalities,
+                    caption_source=self.caption_source,
+                    on_error=self.on_error,
+                    seed=self.seed,
+                )
+                self.skip_logs[STAGE_OF_SPLIT[split]].add_rows(ds.row_errors)
+                self.datasets[split] = ds
+
+
+# -- streaming shards (LitData) -----------------------------------------------------------------
+
+
+def shard_item(row: dict[str, Any]) -> dict[str, Any]:
+    """One annotation row → one LitData item: the encoded media bytes plus the text (no decoding)."""
+    path = Path(row["path"])
+    return {
+        "media": path.read_bytes(),
+        "name": str(row["video"]),
+        "meta": json.dumps({k: v for k, v in row.items() if k not in ("path",)}, ensure_ascii=False),
+    }
+
+
+def _streaming_dataset_class():
+    from litdata import StreamingDataset  # imported lazily: litdata is only needed for shards
+
+    class StreamingVideoDataset(StreamingDataset):
+        """LitData shards of encoded clips; decoding happens here, in ``__getitem__`` (in the workers)."""
+
+        def __init__(
+            self,
+            input_dir: str,
+            num_frames: int,
+            transform: VideoTransform,
+            train: bool,
+            modalities: list[str],
+            shuffle: bool,
+            seed: int,
+            on_error: str,
+        ) -> None:
+            super().__init__(input_dir, shuffle=shuffle, seed=seed, drop_last=shuffle)
+            self.num_frames = num_frames
+            self.video_transform = transform
+            self.train = train
+            self.modalities = set(modalities)
+            self.on_error = on_error
+            self.item_seed = seed
+
+        def __getitem__(self, index: Any) -> VideoSample | SkippedSample:
+            item = super().__getitem__(index)
+            meta = json.loads(item["meta"])
+            idx = int(meta.get("index", 0))
+            rng = random.Random(hash((self.item_seed, self.current_epoch, idx)) if self.train else idx)
+            try:
+                clip = read_clip(
+                    io.BytesIO(item["media"]),
+                    num_frames=self.num_frames,
+                    sampling="rand" if self.train else "middle",
+                    size=self.video_transform.size,
+                    start=meta.get("start"),
+                    end=meta.get("end"),
+                    audio="audio" in self.modalities,
+                    rng=rng,
+                )
+            except (VideoDecodeError, OSError, ValueError, RuntimeError) as err:
+                reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
+                if self.on_error == "raise":
+                    raise VideoDecodeError(item["name"], reason) from err
+                return SkippedSample(item["name"], reason)
+            captions = meta.get("caption") or []
+            captions = [captions] if isinstance(captions, str) else captions
+            caption = (rng.choice(captions) if self.train else captions[0]) if captions else None
+            return VideoSample(
+                video=self.video_transform(clip.video, rng),
+                sample_id=idx,
+                caption=caption if "caption" in self.modalities else None,
+                audio=clip.audio if "audio" in self.modalities else None,
+                speech=meta.get("asr") if "speech" in self.modalities else None,
+                label=meta.get("label") if "label" in self.modalities else None,
+                qa=[tuple(p) for p in meta.get("qa") or []] if "qa" in self.modalities else [],
+                meta={"path": item["name"], "frame_times": list(clip.frame_times), "index": idx},
+            )
+
+    return StreamingVideoDataset
+
+
+class StreamingVideoDataModule(VideoDataModuleBase):
+    """Shards written by ``iv2 prepare`` read with LitData's ``StreamingDataset`` /
+    ``StreamingDataLoader``: balanced across ranks, resumable mid-epoch (the loader's state is part
+    of the Lightning checkpoint through :meth:`state_dict`)."""
+
+    def __init__(
+        self,
+        train_dir: str | None = None,
+        val_dir: str | None = None,
+        test_dir: str | None = None,
+        num_frames: int = 8,
+        image_size: int = 224,
+        batch_size: int = 8,
+        num_workers: int = 0,
+        modalities: list[Modality] | None = None,
+        tokenizer: str = "byte",
+        max_text_length: int = 32,
+        on_error: OnError = "skip",
+        seed: int = 0,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__(
+            num_frames=num_frames,
+            image_size=image_size,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            modalities=modalities,
+            tokenizer=tokenizer,
+            max_text_length=max_text_length,
+            pin_memory=pin_memory,
+        )
+        self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
+        if not any(self.dirs.values()):
+            raise ValueError("StreamingVideoDataModule needs at least one of train_dir/val_dir/test_dir")
+        self.on_error = on_error
+        self.seed = seed
+        self.loaders: dict[str, Any] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        cls = _streaming_dataset_class()
+        for split, path in self.dirs.items():
+            if path and split not in self.datasets:
+                if not Path(path).is_dir() or not (Path(path) / "index.json").is_file():
+                    raise FileNotFoundError(
+                        f"{split}_dir {path} holds no LitData shards (index.json); run `iv2 prepare`"
+                    )
+                self.datasets[split] = cls(
+                    path,
+                    self.num_frames,
+                    self.transform(split == "train"),
+                    split == "train",
+                    self.modalities,
+                    shuffle=split == "train",
+                    seed=self.seed,
+                    on_error=self.on_error,
+                )
+
+    def _loader(self, split: str, shuffle: bool):
+        from litdata import StreamingDataLoader
+
+        if split not in self.datasets:
+            raise RuntimeError(f"StreamingVideoDataModule has no {split!r} shards; set {split}_dir")
+        if split not in self.loaders:
+            self.loaders[split] = StreamingDataLoader(
+                self.datasets[split],
+                batch_size=self.batch_size,
+                num_workers=self.num_workers,
+                collate_fn=self.collate,
+                pin_memory=self.pin_memory,
+            )
+        return self.loaders[split]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loader": self.loaders["train"].state_dict()} if "train" in self.loaders else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "train_loader" in state_dict:
+            self.setup("fit")
+            self._loader("train", shuffle=True).load_state_dict(state_dict["train_loader"])
+
+
+def batches(dm: VideoDataModuleBase, split: str = "train", n: int = 1) -> list[VideoBatch]:
+    """The first ``n`` batches of a split (for notebooks and quick checks)."""
+    dm.setup("fit")
+    loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
+    out = []
+    for i, b in enumerate(loader):
+        if i >= n:
+            break
+        out.append(b)
+    return out
+
+
+__all__ = [
+    "StreamingVideoDataModule",
+    "SyntheticVideoDataModule",
+    "VideoDataModuleBase",
+    "VideoTextDataModule",
+    "batches",
+    "shard_item",
+]
