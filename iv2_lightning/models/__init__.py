@@ -43,6 +43,7 @@ from iv2_lightning.models.losses import (
 )
 from iv2_lightning.models.masking import attention_guided_mask, make_mask, random_mask, tube_mask
 from iv2_lightning.models.pos_embed import interpolate_pos_embed_3d, sincos_1d, sincos_2d, sincos_3d
+from iv2_lightning.models.resampler import QueryResampler
 from iv2_lightning.models.temporal import HierarchicalTemporalEncoder, HTEOutput
 from iv2_lightning.models.text import (
     ByteTokenizer,
@@ -84,6 +85,7 @@ __all__ = [
     "PatchEmbed3D",
     "PixelDecoder",
     "ProjectionHead",
+    "QueryResampler",
     "TextEncoder",
     "TextOutput",
     "TokenizedText",

@@ -1,0 +1,256 @@
+"""``iv2 curriculum``: the progressive InternVideo2 training as one command.
+
+The curriculum YAML lists stages; each is an ordinary ``iv2 fit`` (its configs plus extra
+arguments) run in its own folder ``<output_dir>/<name>``, with two callbacks added: ``ModelCheckpoint``
+(``last.ckpt`` every epoch, for resuming) and :class:`~iv2_lightning.callbacks.StageTransition`
+(the shared weights and a manifest in ``<name>/export``). A stage with ``init_from: <earlier stage>``
+starts from that stage's export. Rerunning the same command skips every stage whose export is
+complete and resumes an interrupted stage from its ``last.ckpt``.
+
+At the end it prints a table of the metrics each stage reports and writes
+``<output_dir>/summary.json``.
+
+Example (``configs/curriculum/tiny.yaml``)::
+
+    output_dir: runs/curriculum_tiny
+    seed: 0
+    stages:
+      - name: stage1
+        configs: [../stage1/tiny.yaml]          # relative to this file
+        report: {recon_loss_ratio: val/recon_loss_ratio}
+      - name: stage2
+        configs: [../stage2/tiny.yaml]
+        init_from: stage1
+        report: {zs_direction_acc: val/zs_acc, t2v_r5_attr: val/t2v_r5}
+    targets:
+      stage1.recon_loss_ratio: ["<=", 0.6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import operator
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.table import Table
+
+from iv2_lightning.stages.weights import MANIFEST_FILE
+
+log = logging.getLogger(__name__)
+console = Console()
+
+STAGE_KEYS = {"name", "configs", "args", "init_from", "report", "summary_key"}
+TOP_KEYS = {"output_dir", "seed", "stages", "targets"}
+OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
+
+
+class CurriculumConfigError(ValueError):
+    pass
+
+
+def _flatten(args: list[Any]) -> list[str]:
+    """Stage args may nest lists (a YAML anchor reused inside a longer list)."""
+    out: list[str] = []
+    for a in args:
+        out += _flatten(a) if isinstance(a, list) else [str(a)]
+    return out
+
+
+def load_curriculum(path: str | Path) -> dict[str, Any]:
+    """Read and check a curriculum YAML; paths of stage configs become absolute."""
+    path = Path(path)
+    if not path.is_file():
+        raise CurriculumConfigError(f"curriculum config not found: {path}")
+    cfg = yaml.safe_load(path.read_text()) or {}
+    unknown = set(cfg) - TOP_KEYS
+    if unknown:
+        raise CurriculumConfigError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(TOP_KEYS)}")
+    if not cfg.get("stages"):
+        raise CurriculumConfigError(f"{path}: 'stages' must list at least one stage")
+    names: list[str] = []
+    for i, stage in enumerate(cfg["stages"]):
+        where = f"{path}: stages[{i}]"
+        if not isinstance(stage, dict) or "name" not in stage or "configs" not in stage:
+            raise CurriculumConfigError(f"{where} needs 'name' and 'configs'")
+        bad = set(stage) - STAGE_KEYS
+        if bad:
+            raise CurriculumConfigError(
+                f"{where} ({stage['name']}): unknown key(s) {sorted(bad)}; allowed: {sorted(STAGE_KEYS)}"
+            )
+        if stage["name"] in names:
+            raise CurriculumConfigError(f"{where}: duplicate stage name {stage['name']!r}")
+        src = stage.get("init_from")
+        if src is not None and src not in names:
+            raise CurriculumConfigError(
+                f"{where} ({stage['name']}): init_from {src!r} is not an earlier stage {names}"
+            )
+        configs = []
+        for c in stage["configs"]:
+            p = (path.parent / c).resolve()
+            if not p.is_file():
+                raise CurriculumConfigError(
+                    f"{where} ({stage['name']}): config {c} not found (looked at {p})"
+                )
+            configs.append(str(p))
+        stage["configs"] = configs
+        stage["args"] = _flatten(stage.get("args") or [])
+        stage.setdefault("report", {})
+        names.append(stage["name"])
+    for key, rule in (cfg.get("targets") or {}).items():
+        if not (isinstance(rule, list) and len(rule) == 2 and rule[0] in OPS):
+            raise CurriculumConfigError(
+                f"{path}: target {key} must be [op, value] with op in {sorted(OPS)}; got {rule}"
+            )
+    cfg.setdefault("output_dir", "runs/curriculum")
+    cfg.setdefault("seed", 0)
+    cfg.setdefault("targets", {})
+    return cfg
+
+
+def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    f = stage_dir / "export" / MANIFEST_FILE
+    if not f.is_file():
+        return None
+    try:
+        manifest = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s is unreadable; the stage will run again", f)
+        return None
+    return manifest if manifest.get("complete") else None
+
+
+def stage_args(stage: dict[str, Any], stage_dir: Path, seed: int, init_dir: Path | None) -> list[str]:
+    args = ["fit"]
+    for c in stage["configs"]:
+        args += ["--config", c]
+    args += [str(a) for a in stage["args"]]
+    args += [
+        f"--trainer.default_root_dir={stage_dir}",
+        f"--seed_everything={seed}",
+        "--trainer.callbacks+=iv2_lightning.callbacks.StageTransition",
+        f"--trainer.callbacks.export_dir={stage_dir / 'export'}",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={stage_dir / 'checkpoints'}",
+        "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.save_top_k=0",
+    ]
+    if init_dir is not None:
+        args.append(f"--model.init_args.init_from={init_dir}")
+    return args
+
+
+def run_stage(stage: dict[str, Any], stage_dir: Path, seed: int, init_dir: Path | None) -> dict[str, Any]:
+    from iv2_lightning.lightning_cli import make_cli
+
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    cli = make_cli(stage_args(stage, stage_dir, seed, init_dir)[1:], run=False)
+    last = stage_dir / "checkpoints" / "last.ckpt"
+    ckpt = str(last) if last.is_file() else None
+    if ckpt:
+        console.print(f"[cyan]{stage['name']}[/cyan]: resuming from {last}")
+    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt)
+    if cli.trainer.interrupted:
+        raise KeyboardInterrupt(f"stage {stage['name']} was interrupted; rerun the command to resume")
+    manifest = read_manifest(stage_dir)
+    if manifest is None:
+        raise RuntimeError(f"stage {stage['name']} finished without an export in {stage_dir / 'export'}")
+    return manifest
+
+
+def summarize(cfg: dict[str, Any], manifests: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for stage in cfg["stages"]:
+        manifest = manifests.get(stage["name"])
+        if manifest is None:
+            continue
+        key = stage.get("summary_key") or stage["name"]
+        entry = summary.setdefault(key, {})
+        for out_name, metric in stage["report"].items():
+            value = manifest["metrics"].get(metric)
+            entry[out_name] = None if value is None else round(float(value), 4)
+    summary["seconds"] = round(sum(m.get("seconds", 0.0) for m in manifests.values()), 1)
+    return summary
+
+
+def check_targets(cfg: dict[str, Any], summary: dict[str, Any]) -> list[tuple[str, Any, str, bool | None]]:
+    rows = []
+    for key, (op, bound) in cfg["targets"].items():
+        section, _, name = key.partition(".")
+        value = summary.get(section, {}).get(name) if name else summary.get(section)
+        ok = None if value is None else OPS[op](value, bound)
+        rows.append((key, value, f"{op} {bound}", ok))
+    return rows
+
+
+def print_summary(cfg: dict[str, Any], summary: dict[str, Any]) -> None:
+    targets = {k: (v, t, ok) for k, v, t, ok in check_targets(cfg, summary)}
+    table = Table(title=f"curriculum summary ({summary['seconds']:.0f} s of training)")
+    for col in ("stage", "metric", "value", "target", "met"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for section, values in summary.items():
+        if not isinstance(values, dict):
+            continue
+        for name, value in values.items():
+            _, target, ok = targets.get(f"{section}.{name}", (None, "", None))
+            met = "" if ok is None else ("[green]yes[/green]" if ok else "[red]no[/red]")
+            table.add_row(section, name, "-" if value is None else f"{value:.4f}", target, met)
+    console.print(table)
+
+
+def curriculum_main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="iv2 curriculum", description="Run the curriculum of a YAML file, stage by stage."
+    )
+    p.add_argument("--config", required=True, help="curriculum YAML (e.g. configs/curriculum/tiny.yaml)")
+    p.add_argument("--output-dir", default=None, help="override output_dir of the YAML")
+    p.add_argument(
+        "--stages", default=None, help="comma-separated subset of stage names to run (in YAML order)"
+    )
+    args = p.parse_args(argv)
+    try:
+        cfg = load_curriculum(args.config)
+    except CurriculumConfigError as err:
+        console.print(f"[red]{err}[/red]")
+        return 2
+    out = Path(args.output_dir or cfg["output_dir"])
+    chosen = set(args.stages.split(",")) if args.stages else None
+    if chosen is not None:
+        unknown = chosen - {s["name"] for s in cfg["stages"]}
+        if unknown:
+            console.print(f"[red]--stages names unknown stage(s) {sorted(unknown)}[/red]")
+            return 2
+    started = time.time()
+    manifests: dict[str, dict[str, Any]] = {}
+    for stage in cfg["stages"]:
+        name = stage["name"]
+        stage_dir = out / name
+        done = read_manifest(stage_dir)
+        if done is not None:
+            console.print(f"[cyan]{name}[/cyan]: finished earlier ({stage_dir / 'export'}), skipping")
+            manifests[name] = done
+            continue
+        if chosen is not None and name not in chosen:
+            continue
+        init_dir = None
+        if stage.get("init_from"):
+            init_dir = out / stage["init_from"] / "export"
+            if read_manifest(out / stage["init_from"]) is None:
+                console.print(
+                    f"[red]{name} starts from {stage['init_from']}, which has not finished ({init_dir})[/red]"
+                )
+                return 1
+        console.rule(f"{name}")
+        manifests[name] = run_stage(stage, stage_dir, int(cfg["seed"]), init_dir)
+    summary = summarize(cfg, manifests)
+    summary["wall_seconds_this_run"] = round(time.time() - started, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print_summary(cfg, summary)
+    console.print(f"summary written to {out / 'summary.json'}")
+    return 0

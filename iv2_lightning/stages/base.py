@@ -1,0 +1,255 @@
+"""BaseStage: what every curriculum stage shares, so each stage file holds only its objective.
+
+* the shared modules live under fixed attribute names (:data:`SHARED_MODULES`), so weights move
+  from stage to stage by name (``init_from``) and ``StageTransition`` knows what to export;
+* AdamW with betas (0.9, 0.98) and weight decay 0.05 except norms, biases, positional embeddings,
+  tokens and temperatures (the official InternVideo2 recipe), linear warmup then cosine decay
+  (torch's ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``), stepped every batch;
+* ``freeze``: parameter names or prefixes that do not train (kept out of the optimizer, put in
+  eval mode);
+* non-finite inputs or losses: the step is skipped and counted; ``max_bad_steps`` in a row stop the
+  run with a message that says so;
+* the gradient norm is logged before each optimizer step.
+
+The structure follows torchgeo's ``trainers/base.py``: one base that owns the optimizer and the
+bookkeeping, small subclasses that override ``build``-time modules and ``compute_loss``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from iv2_lightning.data.batch import VideoBatch
+from iv2_lightning.models.audio import AudioEncoder
+from iv2_lightning.models.backbone import VideoEncoder, preset_config
+from iv2_lightning.models.text import HFTextEncoder, TextEncoder, build_tokenizer
+from iv2_lightning.stages.weights import load_shared_weights
+
+log = logging.getLogger(__name__)
+
+#: attribute names of the modules that pass from one stage to the next
+SHARED_MODULES = ("video_encoder", "temporal_encoder", "text_encoder", "audio_encoder", "fusion")
+
+_NO_DECAY_NAMES = (
+    "pos_embed",
+    "cls_token",
+    "mask_token",
+    "query",
+    "slot_embed",
+    "type_embed",
+    "temp",
+    "gamma",
+)
+
+
+class BaseStage(L.LightningModule):
+    """Shared optimizer, schedule, ``init_from``, ``freeze`` and bad-step handling.
+
+    Subclasses build their modules in ``__init__`` (after calling ``super().__init__``), then call
+    :meth:`finish_init`, and define ``compute_loss(batch) -> dict`` returning a ``loss`` tensor
+    (other scalar entries are logged as ``train/<key>``); ``training_step`` calls it.
+    """
+
+    stage_name = "base"
+
+    def __init__(
+        self,
+        preset: str = "tiny",
+        encoder: dict[str, Any] | None = None,
+        num_frames: int | None = None,
+        image_size: int | None = None,
+        tokenizer: str = "byte",
+        lr: float = 1e-3,
+        weight_decay: float = 0.05,
+        betas: tuple[float, float] = (0.9, 0.98),
+        eps: float = 1e-6,
+        warmup: float = 0.05,
+        min_lr_ratio: float = 0.01,
+        init_from: str | None = None,
+        init_prefix_map: dict[str, str] | None = None,
+        init_strict: bool = False,
+        freeze: list[str] | None = None,
+        max_bad_steps: int = 5,
+    ) -> None:
+        super().__init__()
+        # collects the arguments of the subclass __init__ too (Lightning walks the __init__ frames)
+        self.save_hyperparameters()
+        self.preset = preset
+        self.encoder_overrides = dict(encoder or {})
+        # the data decides the clip geometry (linked by the CLI); explicit encoder overrides win
+        if num_frames is not None:
+            self.encoder_overrides.setdefault("num_frames", num_frames)
+        if image_size is not None:
+            self.encoder_overrides.setdefault("image_size", image_size)
+        self.encoder_config = preset_config(preset, **self.encoder_overrides)
+        self.tokenizer_name = tokenizer
+        self.tokenizer = build_tokenizer(tokenizer)
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.betas = tuple(betas)
+        self.eps = eps
+        self.warmup = warmup
+        self.min_lr_ratio = min_lr_ratio
+        self.init_from = init_from
+        self.init_prefix_map = init_prefix_map
+        self.init_strict = init_strict
+        self.freeze_names = list(freeze or [])
+        self.max_bad_steps = max_bad_steps
+        self.bad_steps_in_a_row = 0
+        self.bad_steps_total = 0
+        self.init_report: dict[str, Any] | None = None
+
+    # -- construction --------------------------------------------------------------------------
+
+    def build_video_encoder(self) -> VideoEncoder:
+        return VideoEncoder(**self.encoder_config)
+
+    def build_text_encoder(self, config: dict[str, Any] | None = None, model: str = "scratch") -> nn.Module:
+        """``model="scratch"``: a :class:`TextEncoder` over this stage's tokenizer vocabulary with
+        ``config`` overrides; otherwise a local Hugging Face encoder folder (:class:`HFTextEncoder`)."""
+        if model != "scratch":
+            return HFTextEncoder(model, **(config or {}))
+        cfg = {"vocab_size": self.tokenizer.vocab_size, "pad_id": self.tokenizer.pad_id, **(config or {})}
+        return TextEncoder(**cfg)
+
+    def build_audio_encoder(self, config: dict[str, Any] | None = None) -> nn.Module:
+        return AudioEncoder(**(config or {}))
+
+    def finish_init(self) -> None:
+        """Load ``init_from`` and apply ``freeze``; call at the end of a subclass ``__init__``."""
+        if self.init_from:
+            self.init_report = load_shared_weights(
+                self, self.init_from, prefix_map=self.init_prefix_map, strict=self.init_strict
+            )
+        if self.freeze_names:
+            self.freeze_parameters(self.freeze_names)
+
+    def shared_modules(self) -> dict[str, nn.Module]:
+        return {
+            name: getattr(self, name)
+            for name in SHARED_MODULES
+            if isinstance(getattr(self, name, None), nn.Module)
+        }
+
+    def architecture(self) -> dict[str, Any]:
+        """The shared modules' classes and the video encoder's configuration (for the manifest;
+        ``init_from`` checks the tensors themselves, name by name and shape by shape)."""
+        arch: dict[str, Any] = {name: type(m).__name__ for name, m in self.shared_modules().items()}
+        arch["video_encoder_config"] = self.encoder_config
+        return json.loads(json.dumps(arch, default=str))
+
+    def freeze_parameters(self, names: Iterable[str]) -> list[str]:
+        names = list(names)
+        frozen = []
+        matched = dict.fromkeys(names, False)
+        for pname, p in self.named_parameters():
+            for n in names:
+                if pname == n or pname.startswith(n.rstrip(".") + "."):
+                    p.requires_grad_(False)
+                    frozen.append(pname)
+                    matched[n] = True
+        unmatched = [n for n, ok in matched.items() if not ok]
+        if unmatched:
+            top = sorted({k.split(".")[0] for k, _ in self.named_parameters()})
+            raise ValueError(f"freeze: no parameter matches {unmatched}; top-level modules are {top}")
+        return frozen
+
+    def frozen_modules(self) -> list[str]:
+        """Top-level children whose parameters are all frozen."""
+        out = []
+        for name, child in self.named_children():
+            params = list(child.parameters())
+            if params and not any(p.requires_grad for p in params):
+                out.append(name)
+        return out
+
+    def on_train_epoch_start(self) -> None:
+        for name in self.frozen_modules():
+            getattr(self, name).eval()  # no dropout / drop-path / batch statistics in frozen parts
+
+    # -- optimisation --------------------------------------------------------------------------
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            leaf = name.rsplit(".", 1)[-1]
+            if p.ndim <= 1 or any(k in leaf for k in _NO_DECAY_NAMES) or name.endswith(".bias"):
+                no_decay.append(p)
+            else:
+                decay.append(p)
+        return [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas, eps=self.eps)
+        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1000
+        if not math.isfinite(total):
+            total = 1000
+        warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
+        warmup = min(max(warmup, 0), total - 1)
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
+            opt, T_max=max(1, total - warmup), eta_min=self.lr * self.min_lr_ratio
+        )
+        if warmup > 0:
+            ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (warmup + 1), total_iters=warmup)
+            sched = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cosine], milestones=[warmup])
+        else:
+            sched = cosine
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _bad(self, why: str) -> None:
+        self.bad_steps_in_a_row += 1
+        self.bad_steps_total += 1
+        self.log("train/bad_steps", float(self.bad_steps_total), on_step=True, on_epoch=False)
+        log.warning("step %d skipped: %s (%d in a row)", self.global_step, why, self.bad_steps_in_a_row)
+        if self.bad_steps_in_a_row >= self.max_bad_steps:
+            raise FloatingPointError(
+                f"{self.bad_steps_in_a_row} training steps in a row had {why}; stopping "
+                f"(max_bad_steps={self.max_bad_steps}). Lower the learning rate or check the data."
+            )
+
+    def training_step(self, batch: VideoBatch, batch_idx: int):
+        if not bool(torch.isfinite(batch.video).all()):
+            self._bad("non-finite values in the input video")
+            return None
+        out = self.compute_loss(batch)
+        loss = out["loss"]
+        if not bool(torch.isfinite(loss)):
+            self._bad(f"a non-finite loss ({loss.item()})")
+            return None
+        self.bad_steps_in_a_row = 0
+        bs = len(batch)
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                self.log(
+                    f"train/{k}", v.detach(), on_step=True, on_epoch=True, prog_bar=k == "loss", batch_size=bs
+                )
+        return loss
+
+
+def save_json(path: str | Path, data: dict[str, Any]) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.partial")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)

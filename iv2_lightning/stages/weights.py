@@ -1,0 +1,158 @@
+"""Moving shared weights between stages: export as safetensors + manifest, load into a stage.
+
+An export is a folder holding ``weights.safetensors`` (fp32 tensors of the shared modules, keys
+prefixed by the module name: ``video_encoder.blocks.0.attn.qkv.weight``) and ``manifest.json``
+(stage, preset, architecture, metrics, global step). ``init_from`` accepts such a folder, the
+``.safetensors`` file itself, or a Lightning ``.ckpt`` (read with ``weights_only=True``: a
+checkpoint never runs code when it is loaded).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_FILE = "weights.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+class WeightsMismatchError(ValueError):
+    """``init_from`` found tensors whose shapes differ from the model's (or, when strict, missing ones)."""
+
+
+def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and manifest (empty for a bare file) from an export folder, .safetensors or .ckpt."""
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"init_from: {path} does not exist")
+    manifest: dict[str, Any] = {}
+    if path.is_dir():
+        if (path / MANIFEST_FILE).is_file():
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        path = path / WEIGHTS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: {path.parent} holds no {WEIGHTS_FILE}")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path)), manifest
+        except Exception as err:
+            raise ValueError(f"init_from: {path} is not a readable safetensors file ({err})") from err
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"init_from: {path} could not be loaded as a weights-only checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise ValueError(f"init_from: {path} holds no state_dict")
+    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, manifest
+
+
+def load_shared_weights(
+    model: nn.Module,
+    source: str | os.PathLike,
+    prefix_map: dict[str, str] | None = None,
+    strict: bool = False,
+    modules: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Copy the shared-module tensors of ``source`` into ``model``.
+
+    ``prefix_map`` renames key prefixes of the source first (``{"student.": "video_encoder."}``).
+    Only keys under the model's shared modules are considered. Shapes must match (otherwise
+    :class:`WeightsMismatchError` names every mismatched tensor); with ``strict`` every shared
+    tensor of the model must be present in the source. Returns a report with the loaded, missing,
+    unexpected and mismatched keys, which is also logged.
+    """
+    from iv2_lightning.stages.base import SHARED_MODULES
+
+    state, manifest = read_state_dict(source)
+    for old, new in (prefix_map or {}).items():
+        state = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
+    names = modules or tuple(n for n in SHARED_MODULES if isinstance(getattr(model, n, None), nn.Module))
+    own = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in names}
+    incoming = {k: v for k, v in state.items() if k.split(".", 1)[0] in names}
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in incoming.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    missing = sorted(set(own) - set(incoming))
+    unexpected = sorted(set(incoming) - set(own))
+    if mismatched:
+        raise WeightsMismatchError(
+            f"init_from {source}: {len(mismatched)} tensor(s) have another shape than this model "
+            f"(the export came from preset {manifest.get('preset', '?')!r} with other sizes):\n  "
+            + "\n  ".join(mismatched[:20])
+        )
+    if strict and missing:
+        raise WeightsMismatchError(
+            f"init_from {source} (strict): {len(missing)} tensor(s) of this model are missing from the file: "
+            + ", ".join(missing[:20])
+        )
+    loadable = {k: v for k, v in incoming.items() if k in own}
+    if not loadable:
+        raise WeightsMismatchError(
+            f"init_from {source}: no tensor of the shared modules {list(names)} found "
+            f"(file keys start with {sorted({k.split('.', 1)[0] for k in state})[:10]}; use init_prefix_map)"
+        )
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        params.update(dict(model.named_buffers()))
+        for k, v in loadable.items():
+            params[k].copy_(v.to(params[k].dtype))
+    report = {
+        "source": str(source),
+        "loaded": len(loadable),
+        "missing": missing,
+        "unexpected": unexpected,
+        "from_stage": manifest.get("stage"),
+    }
+    log.info(
+        "init_from %s: loaded %d tensors; %d missing%s; %d unexpected%s",
+        source,
+        len(loadable),
+        len(missing),
+        f" (e.g. {missing[:3]})" if missing else "",
+        len(unexpected),
+        f" (e.g. {unexpected[:3]})" if unexpected else "",
+    )
+    return report
+
+
+def export_shared_weights(model: nn.Module, folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write the shared modules of ``model`` as fp32 safetensors + manifest into ``folder``.
+
+    Both files are written under temporary names and renamed, the manifest last, so a reader that
+    finds a manifest finds complete weights.
+    """
+    from iv2_lightning.stages.base import SHARED_MODULES
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if k.split(".", 1)[0] in SHARED_MODULES
+    }
+    tmp = folder / f".{WEIGHTS_FILE}.partial"
+    save_file(tensors, str(tmp), metadata={"format": "iv2_lightning"})
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    manifest = {
+        **manifest,
+        "num_tensors": len(tensors),
+        "num_parameters": int(sum(t.numel() for t in tensors.values())),
+    }
+    tmp = folder / f".{MANIFEST_FILE}.partial"
+    tmp.write_text(json.dumps(manifest, indent=2, default=str))
+    os.replace(tmp, folder / MANIFEST_FILE)
+    return folder
