@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import operator
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,11 @@ def run_stage(stage: dict[str, Any], stage_dir: Path, seed: int, init_dir: Path 
     from iv2_lightning.lightning_cli import make_cli
 
     stage_dir.mkdir(parents=True, exist_ok=True)
-    cli = make_cli(stage_args(stage, stage_dir, seed, init_dir)[1:], run=False)
+    argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments come from the YAML, not our command line
+    try:
+        cli = make_cli(stage_args(stage, stage_dir, seed, init_dir)[1:], run=False)
+    finally:
+        sys.argv = argv
     last = stage_dir / "checkpoints" / "last.ckpt"
     ckpt = str(last) if last.is_file() else None
     if ckpt:
