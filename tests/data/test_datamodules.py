@@ -4,6 +4,7 @@ VideoTextDataModule, every bad-input case with on_error skip / raise, streaming 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -180,7 +181,7 @@ def test_a_dataset_where_every_file_is_broken_stops_with_a_clear_error(tmp_path)
         ds[0]
 
 
-def test_skipped_samples_are_counted_and_reported_at_epoch_end(tmp_path, synth_dir, caplog):
+def test_skipped_samples_are_counted_and_reported_at_epoch_end(tmp_path, synth_dir):
     ann = _bad_dataset(tmp_path, synth_dir)
     dm = VideoTextDataModule(
         train_annotations=str(ann),
@@ -217,14 +218,30 @@ def test_skipped_samples_are_counted_and_reported_at_epoch_end(tmp_path, synth_d
         num_sanity_val_steps=0,
         default_root_dir=tmp_path,
     )
-    with caplog.at_level("WARNING"):
+    messages = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: messages.append(record.getMessage())
+    report_log = logging.getLogger("iv2_lightning.callbacks.data_report")
+    report_log.addHandler(handler)
+    try:
         trainer.fit(Probe(), dm)
+    finally:
+        report_log.removeHandler(handler)
     train_log = dm.skip_logs["train"]
     assert train_log.count >= 4 + 2  # bad files of the epoch + the two rows dropped at load
-    assert any("missing.mp4" in p for p, _ in train_log.first)
+    bad_names = {
+        "missing.mp4",
+        "empty.mp4",
+        "truncated.mp4",
+        "text.mp4",
+        "train_000000.mp4",
+        "ann.jsonl:8",
+        "ann.jsonl:9",
+    }
+    assert train_log.first and all(Path(p).name in bad_names for p, _ in train_log.first)
     assert trainer.callback_metrics["data/skipped_train"] == train_log.count
     assert dm.skip_logs["validate"].count >= 4
-    assert any("sample(s) skipped" in r.message for r in caplog.records)
+    assert any("sample(s) skipped" in m for m in messages)
 
 
 def test_streaming_shards_from_iv2_prepare(tmp_path, synth_dir):
