@@ -30,49 +30,17 @@ class ActionStage(BaseStage):
     def __init__(
         self,
         num_classes: int = 4,
-        preset: str = "tiny",
-        encoder: dict[str, Any] | None = None,
-        num_frames: int | None = None,
-        image_size: int | None = None,
-        tokenizer: str = "byte",
         label_smoothing: float = 0.1,
         head_heads: int = 4,
         head_dropout: float = 0.0,
         pool: Literal["attention", "mean"] = "attention",
         freeze_backbone: bool = False,
         label_names: list[str] | None = None,
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        init_from: str | None = None,
-        init_prefix_map: dict[str, str] | None = None,
-        init_strict: bool = False,
-        freeze: list[str] | None = None,
-        max_bad_steps: int = 5,
+        **kwargs: Any,
     ) -> None:
         if freeze_backbone:
-            freeze = [*(freeze or []), "video_encoder"]
-        super().__init__(
-            preset=preset,
-            encoder=encoder,
-            num_frames=num_frames,
-            image_size=image_size,
-            tokenizer=tokenizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            warmup=warmup,
-            min_lr_ratio=min_lr_ratio,
-            init_from=init_from,
-            init_prefix_map=init_prefix_map,
-            init_strict=init_strict,
-            freeze=freeze,
-            max_bad_steps=max_bad_steps,
-        )
+            kwargs["freeze"] = [*(kwargs.get("freeze") or []), "video_encoder"]
+        super().__init__(**kwargs)
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(f"label_names has {len(label_names)} names for num_classes={num_classes}")
         self.num_classes = num_classes

@@ -21,7 +21,6 @@ import json
 import logging
 import math
 from collections.abc import Iterable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -54,7 +53,10 @@ _NO_DECAY_NAMES = (
 class BaseStage(L.LightningModule):
     """Shared optimizer, schedule, ``init_from``, ``freeze`` and bad-step handling.
 
-    Subclasses build their modules in ``__init__`` (after calling ``super().__init__``), then call
+    Subclasses take their own arguments and forward the rest with ``**kwargs`` (jsonargparse follows
+    ``**kwargs`` into this signature, so configs and typo checks see every argument; Lightning's
+    ``save_hyperparameters`` records both). They build their modules in ``__init__`` (after
+    ``super().__init__(**kwargs)``), then call
     :meth:`finish_init`, and define ``compute_loss(batch) -> dict`` returning a ``loss`` tensor
     (other scalar entries are logged as ``train/<key>``); ``training_step`` calls it.
     """
@@ -246,10 +248,3 @@ class BaseStage(L.LightningModule):
                     f"train/{k}", v.detach(), on_step=True, on_epoch=True, prog_bar=k == "loss", batch_size=bs
                 )
         return loss
-
-
-def save_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    tmp.replace(path)

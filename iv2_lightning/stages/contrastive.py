@@ -167,22 +167,6 @@ class ContrastiveStage(BaseStage):
 
     def __init__(
         self,
-        preset: str = "tiny",
-        encoder: dict[str, Any] | None = None,
-        num_frames: int | None = None,
-        image_size: int | None = None,
-        tokenizer: str = "byte",
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        init_from: str | None = None,
-        init_prefix_map: dict[str, str] | None = None,
-        init_strict: bool = False,
-        freeze: list[str] | None = None,
-        max_bad_steps: int = 5,
         text: dict[str, Any] | None = None,
         text_model: str = "scratch",
         text_pooling: Literal["auto", "cls", "mean"] = "auto",
@@ -201,25 +185,9 @@ class ContrastiveStage(BaseStage):
         gather_distributed: bool = True,
         zeroshot_prompts: dict[str, list[str]] | None = None,
         label_names: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            preset=preset,
-            encoder=encoder,
-            num_frames=num_frames,
-            image_size=image_size,
-            tokenizer=tokenizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            warmup=warmup,
-            min_lr_ratio=min_lr_ratio,
-            init_from=init_from,
-            init_prefix_map=init_prefix_map,
-            init_strict=init_strict,
-            freeze=freeze,
-            max_bad_steps=max_bad_steps,
-        )
+        super().__init__(**kwargs)
         self.loss_weights = {
             "vtc": vtc,
             "atc": atc,
@@ -273,7 +241,9 @@ class ContrastiveStage(BaseStage):
             self.itm_head = MatchingHead(self.fusion.dim)
         if mlm > 0:
             if getattr(self.tokenizer, "mask_id", None) is None:
-                raise ValueError(f"mlm > 0 needs a tokenizer with a mask token; {tokenizer!r} has none")
+                raise ValueError(
+                    f"mlm > 0 needs a tokenizer with a mask token; {self.tokenizer_name!r} has none"
+                )
             d = self.fusion.dim
             # BERT's prediction head: transform (Linear, GELU, LayerNorm), then the vocabulary
             self.mlm_head = nn.Sequential(

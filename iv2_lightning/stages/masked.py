@@ -71,11 +71,6 @@ class MaskedVideoStage(BaseStage):
 
     def __init__(
         self,
-        preset: str = "tiny",
-        encoder: dict[str, Any] | None = None,
-        num_frames: int | None = None,
-        image_size: int | None = None,
-        tokenizer: str = "byte",
         target: Literal["pixels", "teacher"] = "pixels",
         mask_type: Literal["tube", "random", "attention"] = "tube",
         mask_ratio: float = 0.9,
@@ -89,36 +84,9 @@ class MaskedVideoStage(BaseStage):
         distill_head: Literal["linear", "mlp"] = "linear",
         teacher_autocast: bool = True,
         log_images: bool = True,
-        lr: float = 1.5e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        init_from: str | None = None,
-        init_prefix_map: dict[str, str] | None = None,
-        init_strict: bool = False,
-        freeze: list[str] | None = None,
-        max_bad_steps: int = 5,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            preset=preset,
-            encoder=encoder,
-            num_frames=num_frames,
-            image_size=image_size,
-            tokenizer=tokenizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            warmup=warmup,
-            min_lr_ratio=min_lr_ratio,
-            init_from=init_from,
-            init_prefix_map=init_prefix_map,
-            init_strict=init_strict,
-            freeze=freeze,
-            max_bad_steps=max_bad_steps,
-        )
+        super().__init__(**kwargs)
         if not 0.0 <= mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1); got {mask_ratio}")
         if mask_type == "attention" and target != "teacher":

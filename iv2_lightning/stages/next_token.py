@@ -193,22 +193,6 @@ class NextTokenStage(BaseStage):
 
     def __init__(
         self,
-        preset: str = "tiny",
-        encoder: dict[str, Any] | None = None,
-        num_frames: int | None = None,
-        image_size: int | None = None,
-        tokenizer: str = "byte",
-        lr: float = 1e-3,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.98),
-        eps: float = 1e-6,
-        warmup: float = 0.05,
-        min_lr_ratio: float = 0.01,
-        init_from: str | None = None,
-        init_prefix_map: dict[str, str] | None = None,
-        init_strict: bool = False,
-        freeze: list[str] | None = None,
-        max_bad_steps: int = 5,
         lm: str = "builtin",
         lm_config: dict[str, Any] | None = None,
         num_queries: int = 16,
@@ -225,25 +209,9 @@ class NextTokenStage(BaseStage):
         max_new_tokens: int = 40,
         val_generate_batches: int = 2,
         prompt: str = "",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            preset=preset,
-            encoder=encoder,
-            num_frames=num_frames,
-            image_size=image_size,
-            tokenizer=tokenizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            betas=betas,
-            eps=eps,
-            warmup=warmup,
-            min_lr_ratio=min_lr_ratio,
-            init_from=init_from,
-            init_prefix_map=init_prefix_map,
-            init_strict=init_strict,
-            freeze=freeze,
-            max_bad_steps=max_bad_steps,
-        )
+        super().__init__(**kwargs)
         if caption_weight < 0 or dialogue_weight < 0 or caption_weight + dialogue_weight <= 0:
             raise ValueError(
                 f"caption_weight and dialogue_weight must be >= 0 and not both 0; got {caption_weight}, {dialogue_weight}"
@@ -269,7 +237,7 @@ class NextTokenStage(BaseStage):
         self.bos_id: int = tok.bos_id if tok.bos_id is not None else tok.eos_id
         self.eos_id: int = tok.eos_id if tok.eos_id is not None else tok.bos_id
         if self.bos_id is None or self.eos_id is None:
-            raise ValueError(f"tokenizer {tokenizer!r} has neither a BOS/CLS nor an EOS/SEP token")
+            raise ValueError(f"tokenizer {self.tokenizer_name!r} has neither a BOS/CLS nor an EOS/SEP token")
         self.prompt_ids: list[int] = tok.encode(prompt) if prompt else []
 
         # -- modules: the shared ones under their shared names, then the stage's own ------------
