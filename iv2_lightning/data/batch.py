@@ -10,7 +10,7 @@ Masks follow one convention across the library: True = real (token, frame, sampl
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
@@ -19,6 +19,9 @@ import torch
 from iv2_lightning.models.text import ByteTokenizer, TokenizedText
 
 Tokenizer = Callable[..., TokenizedText]
+
+#: what a sample may carry besides the video
+MODALITIES = ("audio", "caption", "speech", "label", "qa")
 
 
 @dataclass
@@ -134,7 +137,9 @@ class VideoCollate:
 
     Text goes through ``tokenizer`` (the built-in :class:`ByteTokenizer` by default) padded to the
     longest in the batch, at most ``max_text_length`` tokens; audio is padded (and cut) to at most
-    ``max_audio_frames`` frames. Picklable, so it works with worker processes.
+    ``max_audio_frames`` frames. ``modalities`` (default: all of audio, caption, speech, label, qa)
+    is the one place where a switched-off modality is dropped, whatever dataset made the sample.
+    Picklable, so it works with worker processes.
     """
 
     def __init__(
@@ -143,11 +148,20 @@ class VideoCollate:
         max_text_length: int = 32,
         max_dialogue_length: int = 128,
         max_audio_frames: int = 1024,
+        modalities: Iterable[str] | None = None,
     ) -> None:
+        self.modalities = set(MODALITIES if modalities is None else modalities)
+        unknown = sorted(self.modalities - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"unknown modalities {unknown}; choose from {list(MODALITIES)}")
         self.tokenizer = tokenizer or ByteTokenizer()
         self.max_text_length = max_text_length
         self.max_dialogue_length = max_dialogue_length
         self.max_audio_frames = max_audio_frames
+
+    def _select(self, sample: VideoSample) -> VideoSample:
+        off = {"audio": None, "caption": None, "speech": None, "label": None, "qa": []}
+        return replace(sample, **{k: v for k, v in off.items() if k not in self.modalities})
 
     def _text(self, texts: Sequence[str | None]) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         if all(t is None for t in texts):
@@ -215,6 +229,7 @@ class VideoCollate:
                 first = "; ".join(f"{p}: {r}" for p, r in skipped[:3])
                 raise RuntimeError(f"every sample of a batch failed to load ({len(skipped)}); first: {first}")
             samples[0].meta["skipped"] = [*samples[0].meta.get("skipped", []), *skipped]
+        samples = [self._select(s) for s in samples]
         shapes = {tuple(s.video.shape) for s in samples}
         if len(shapes) != 1:
             raise ValueError(f"all videos of a batch must have one shape [3, T, H, W]; got {sorted(shapes)}")

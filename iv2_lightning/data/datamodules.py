@@ -18,7 +18,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
-from iv2_lightning.data.batch import SkippedSample, VideoBatch, VideoCollate, VideoSample
+from iv2_lightning.data.batch import MODALITIES, SkippedSample, VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.datasets import OnError, SkipLog, VideoTextDataset, collect_skipped
 from iv2_lightning.data.synthetic import SyntheticVideoDataset
 from iv2_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
@@ -28,7 +28,7 @@ from iv2_lightning.models.text import build_tokenizer
 log = logging.getLogger(__name__)
 
 Modality = Literal["audio", "caption", "speech", "label", "qa"]
-ALL_MODALITIES: list[Modality] = ["audio", "caption", "speech", "label", "qa"]
+ALL_MODALITIES: list[Modality] = list(MODALITIES)
 #: the Lightning trainer stage that reads each split (the keys of ``skip_logs``)
 STAGE_OF_SPLIT = {"train": "train", "val": "validate", "test": "test", "predict": "predict"}
 
@@ -56,16 +56,17 @@ class VideoDataModuleBase(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.modalities = list(ALL_MODALITIES if modalities is None else modalities)
-        bad = sorted(set(self.modalities) - set(ALL_MODALITIES))
-        if bad:
-            raise ValueError(f"unknown modalities {bad}; choose from {ALL_MODALITIES}")
         self.tokenizer_name = tokenizer
         self.tokenizer = build_tokenizer(tokenizer)
         self.max_text_length = max_text_length
         self.pin_memory = pin_memory
         self.mean, self.std = tuple(mean), tuple(std)
+        # the collate checks the modality names and drops the switched-off ones from every sample
         self.collate = VideoCollate(
-            self.tokenizer, max_text_length=max_text_length, max_audio_frames=max_audio_frames
+            self.tokenizer,
+            max_text_length=max_text_length,
+            max_audio_frames=max_audio_frames,
+            modalities=self.modalities,
         )
         # one log per trainer stage ("train", "validate", "test", "predict"); rows dropped at load go to "train"
         self.skip_logs: dict[str, SkipLog] = defaultdict(SkipLog)
@@ -161,33 +162,7 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
     def setup(self, stage: str | None = None) -> None:
         for split, size in self.sizes.items():
             if size > 0 and split not in self.datasets:
-                self.datasets[split] = _Select(self.make_dataset(split), self.modalities)
-
-
-class _Select(Dataset):
-    """Drop the modalities a config switched off from the samples of a dataset."""
-
-    def __init__(self, dataset: Dataset, modalities: list[str]) -> None:
-        self.dataset = dataset
-        self.modalities = set(modalities)
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> VideoSample:
-        s = self.dataset[index]
-        if "caption" not in self.modalities:
-            s.caption = None
-        if "label" not in self.modalities:
-            s.label = None
-        if "qa" not in self.modalities:
-            s.qa = []
-        return s
-
-    def __getattr__(self, name: str) -> Any:
-        if name == "dataset":
-            raise AttributeError(name)
-        return getattr(self.dataset, name)
+                self.datasets[split] = self.make_dataset(split)
 
 
 class VideoTextDataModule(VideoDataModuleBase):
@@ -336,11 +311,11 @@ def _streaming_dataset_class():
             return VideoSample(
                 video=self.video_transform(clip.video, rng),
                 sample_id=idx,
-                caption=caption if "caption" in self.modalities else None,
-                audio=clip.audio if "audio" in self.modalities else None,
-                speech=meta.get("asr") if "speech" in self.modalities else None,
-                label=meta.get("label") if "label" in self.modalities else None,
-                qa=[tuple(p) for p in meta.get("qa") or []] if "qa" in self.modalities else [],
+                caption=caption,  # switched-off modalities are dropped by the collate
+                audio=clip.audio,
+                speech=meta.get("asr"),
+                label=meta.get("label"),
+                qa=[tuple(p) for p in meta.get("qa") or []],
                 meta={"path": item["name"], "frame_times": list(clip.frame_times), "index": idx},
             )
 
@@ -428,23 +403,10 @@ class StreamingVideoDataModule(VideoDataModuleBase):
             self._loader("train", shuffle=True).load_state_dict(state_dict["train_loader"])
 
 
-def batches(dm: VideoDataModuleBase, split: str = "train", n: int = 1) -> list[VideoBatch]:
-    """The first ``n`` batches of a split (for notebooks and quick checks)."""
-    dm.setup("fit")
-    loader = {"train": dm.train_dataloader, "val": dm.val_dataloader, "test": dm.test_dataloader}[split]()
-    out = []
-    for i, b in enumerate(loader):
-        if i >= n:
-            break
-        out.append(b)
-    return out
-
-
 __all__ = [
     "StreamingVideoDataModule",
     "SyntheticVideoDataModule",
     "VideoDataModuleBase",
     "VideoTextDataModule",
-    "batches",
     "shard_item",
 ]
