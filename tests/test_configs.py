@@ -71,7 +71,7 @@ def test_tiny_configs_fit_with_fast_dev_run(config, tmp_path):
             "--data.init_args.batch_size=2",
             "--data.init_args.num_workers=0",
             "--data.init_args.image_size=32",
-            "--data.init_args.num_frames=4",
+            "--data.init_args.num_frames=8",
         ],
         run=False,
     )

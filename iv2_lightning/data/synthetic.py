@@ -11,32 +11,31 @@ everything else a model must align across modalities (colour, shape, background,
 sound, a speech-like transcript, captions and dialogue) easy to see. It needs no download, renders
 on the fly in about a millisecond, and the same ``(seed, split, index)`` always gives the same bytes.
 
-The construction (one object; a second one, when present, is built the same way). With ``T``
-frames and a step of ``k`` pixels, let ``pi`` be a random permutation of ``0..T-1`` drawn per clip.
-For a horizontal clip the object's centre at frame ``t`` is::
+The construction: a moving wallpaper on a twisted torus. With ``T`` frames of side ``S`` (``S``
+divisible by ``T``), let ``s = S / T`` be the step and ``a`` the *shear*, an integer with
+``gcd(a, T) = 1`` and ``a != ±1 (mod T)`` (3 for 8 frames; :func:`lattice_shear`). The object is
+drawn as a wallpaper: one copy at every point of the lattice ``L`` spanned by ``(S, 0)`` and
+``(-a s, s)`` (``T`` copies per frame, periodic with period ``S`` in both axes, so the frame is a
+torus), shifted by a random origin. Shifting the wallpaper by ``(x, y) = (i s, j s)`` gives the same
+image as the shift ``(c s, 0)`` with ``c = i + a j (mod T)``: every frame the wallpaper can show is
+one of ``T`` *cosets* ``c``, and frame ``t`` of a clip shows::
 
-    right: (x0 + k*t,       y0 + k*pi(t))        left: (x0 + k*(T-1-t), y0 + k*pi(t))
+    c_t = c_0 + m t (mod T),   m = +1 (right), -1 (left), +a (down), -a (up)
 
-and for a vertical clip the roles of the axes swap::
+i.e. the whole pattern moves by exactly ``s`` pixels per frame in the clip's direction (the copies'
+nearest-neighbour distance is at least ``sqrt(5) s``, so a move of ``s`` is never ambiguous to the
+eye). Because every ``m`` is a unit modulo ``T``, ``c_0 + m t`` runs over *all* ``T`` cosets exactly
+once whatever the direction and the start ``c_0``: the unordered set of frames of a clip is
+pixel-for-pixel the same for left, right, up and down — neither the sign nor the axis of the motion
+can be read from it, and any order-free model is at chance (25%). Only the order of the frames, i.e.
+how consecutive frames differ, tells the direction. The construction needs a shear, which exists
+for ``T = 5`` and every ``T >= 7`` (not for 3, 4 or 6 frames). ``tests/data/test_synthetic.py``
+checks the symmetry pixel-exactly and with a hand-written tracker that reads the direction from
+ordered frames and not from shuffled ones.
 
-    down:  (x0 + k*pi(t),   y0 + k*t)            up:   (x0 + k*pi(t),   y0 + k*(T-1-t))
-
-so the object drifts steadily along the motion axis while hopping back and forth across it. The
-unordered set of positions of every clip is ``{(x0 + k*i, y0 + k*j) : (i, j) in G}`` where ``G`` is
-the graph of a permutation: ``pi`` for right, ``pi o rev`` for left, ``pi^-1`` for down and
-``rev o pi^-1`` for up (``rev(t) = T-1-t``). If the distribution of ``pi`` is invariant under
-inversion and under composing with ``rev`` on either side, these four graphs have the *same*
-distribution, so the set of frames carries no information about the direction — neither its sign
-nor its axis; only the order of the frames does. ``x0``, ``y0``, ``k``, the shapes, colours and the
-static background (identical in every frame) are drawn independently of the direction.
-
-``pi`` is uniform over the *admissible* permutations: not near-monotone (``|Spearman rho| <= 0.5``,
-otherwise the perpendicular hop looks like a diagonal drift and a "right" clip could pass for a
-"down" one) and, from 4 frames on, hopping at least ``2k`` between consecutive frames in both
-``pi`` and ``pi^-1`` (so every consecutive pair of frames moves exactly ``k`` along the motion axis
-and at least ``2k`` across it: local motion is informative for a model with temporal attention).
-Both conditions are invariant under inversion and reversal, so the symmetry argument holds
-unchanged; ``tests/data/test_synthetic.py`` checks it empirically and pixel-exactly.
+A second object, when present, is a second wallpaper with its own origin, start and direction
+(drawn over the first). The set of frames then carries the *ratio* of the two directions' steps
+(e.g. whether both move the same way) but still nothing about either direction alone.
 
 Every clip also has a 16 kHz waveform tied to the scene (a tone whose base pitch names the shape,
 whose timbre names the colour and loudness the size, gliding *up* for right/up and *down* for
@@ -76,7 +75,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 DIRECTIONS: tuple[str, ...] = ("left", "right", "up", "down")
 BACKGROUNDS: tuple[str, ...] = ("plain", "stripes", "dots", "noise")
 SIZES: tuple[str, ...] = ("small", "large")
-SPEEDS: tuple[str, ...] = ("slow", "fast")
 SAMPLE_RATE = 16_000
 
 # saturated object colours on achromatic backgrounds: colour alone separates object from scene
@@ -86,10 +84,9 @@ RGB: dict[str, tuple[int, int, int]] = {
     "blue": (50, 95, 240),
     "yellow": (240, 215, 40),
 }
-# object half-extent as a fraction of the image side, per size
-_RADIUS = {"small": 0.1, "large": 0.135}
-# step of the slow speed as a fraction of the largest step that keeps a large object in frame
-_SLOW_FRACTION = 0.6
+# object half-extent as a fraction of the wallpaper's nearest-neighbour distance, per size (the
+# largest shape, a square's corner, reaches 1.16 x radius: copies never touch)
+_RADIUS = {"small": 0.26, "large": 0.36}
 # audio: base pitch per shape (Hz), harmonic amplitudes per colour, loudness per size
 _BASE_HZ = {"circle": 220.0, "square": 330.0, "triangle": 494.0, "cross": 740.0}
 _HARMONICS = {
@@ -100,10 +97,37 @@ _HARMONICS = {
 }
 _LOUDNESS = {"small": 0.35, "large": 0.6}
 _GLIDE_OCTAVES = 0.5  # total pitch change over the clip; ranges of different shapes never overlap
+_MIN_STEP = 2  # pixels per frame: below this the smallest copies are a pixel or two wide
 
-# permutation admissibility (see the module docstring): both are invariant under inversion/reversal
-PERM_MAX_RANK_CORR = 0.5
-PERM_MIN_HOP = 2
+
+# --------------------------------------------------------------------------- the lattice
+
+
+def _lattice_vectors(num_frames: int, shear: int) -> list[tuple[int, int]]:
+    """Short vectors of the lattice spanned by ``(T, 0)`` and ``(-a, 1)``, in steps: for each row
+    offset ``j`` the vector with the smallest horizontal part."""
+    out = [(num_frames, 0)]
+    for j in range(1, num_frames):
+        x = (-shear * j) % num_frames
+        out.append((x - num_frames if x > num_frames / 2 else x, j))
+    return out
+
+
+def _shortest(num_frames: int, shear: int) -> float:
+    return min(math.hypot(x, y) for x, y in _lattice_vectors(num_frames, shear))
+
+
+def lattice_shear(num_frames: int) -> int:
+    """The shear ``a`` for ``T`` frames: a unit modulo ``T`` other than ±1 whose lattice has the
+    longest shortest vector (copies spread as evenly as possible); ValueError where none exists."""
+    candidates = [a for a in range(2, num_frames - 1) if math.gcd(a, num_frames) == 1]
+    if not candidates:
+        raise ValueError(
+            f"num_frames={num_frames} is not supported by the synthetic clips: hiding the motion axis "
+            "from the unordered set of frames needs a unit modulo num_frames other than +-1, which "
+            "exists for 5 and for 7 or more frames (not for 3, 4 or 6); use e.g. 8 or 16 frames"
+        )
+    return max(candidates, key=lambda a: (round(_shortest(num_frames, a), 9), -a))
 
 
 # --------------------------------------------------------------------------- parameters
@@ -111,42 +135,52 @@ PERM_MIN_HOP = 2
 
 @dataclass(frozen=True)
 class ObjectParams:
-    """One moving object. ``x0, y0``: the smallest centre coordinates of its trajectory (pixels,
-    pixel ``i`` spans ``[i, i+1)``); ``step``: ``k``; ``perm``: ``pi``, the perpendicular offset
-    (in steps) at each frame."""
+    """One object, drawn as a wallpaper that moves ``step`` pixels per frame (see the module
+    docstring). ``origin``: centre of one copy at coset 0 (pixels, pixel ``i`` spans ``[i, i+1)``);
+    ``start``: the coset of frame 0; ``shear``: ``a``; ``num_frames``: ``T``; ``radius``: half-extent
+    of each copy in pixels."""
 
     color: str
     shape: str
     direction: str
     size: str
-    speed: str
-    x0: int
-    y0: int
+    origin: tuple[float, float]
+    start: int
     step: int
+    shear: int
+    num_frames: int
     radius: float
-    perm: tuple[int, ...]
 
     @property
     def horizontal(self) -> bool:
         return self.direction in ("left", "right")
 
-    def centres(self) -> list[tuple[float, float]]:
-        """``(x, y)`` centre of the object at every frame."""
-        t_count = len(self.perm)
-        forward = self.direction in ("right", "down")
-        along = [t if forward else t_count - 1 - t for t in range(t_count)]
-        if self.horizontal:
-            return [(self.x0 + self.step * a, self.y0 + self.step * p) for a, p in zip(along, self.perm)]
-        return [(self.x0 + self.step * p, self.y0 + self.step * a) for a, p in zip(along, self.perm)]
+    @property
+    def period(self) -> int:
+        """The wallpaper's period in pixels (the image side)."""
+        return self.step * self.num_frames
+
+    @property
+    def move(self) -> int:
+        """Coset increment per frame, ``m``."""
+        m = {"right": 1, "left": -1, "down": self.shear, "up": -self.shear}[self.direction]
+        return m % self.num_frames
+
+    def cosets(self) -> list[int]:
+        """The coset shown at every frame."""
+        return [(self.start + self.move * t) % self.num_frames for t in range(self.num_frames)]
+
+    def velocity(self) -> tuple[int, int]:
+        """``(dx, dy)`` pixels per frame (image y grows downwards)."""
+        return {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}[self.direction]
+
+    def copies(self, coset: int) -> list[tuple[float, float]]:
+        """Centres ``(x, y)`` of the ``T`` copies in ``[0, S)^2`` when the wallpaper shows ``coset``."""
+        s, p, (ox, oy) = self.step, self.period, self.origin
+        return [((ox + (coset - self.shear * j) * s) % p, (oy + j * s) % p) for j in range(self.num_frames)]
 
     def attributes(self) -> dict[str, str]:
-        return {
-            "color": self.color,
-            "shape": self.shape,
-            "direction": self.direction,
-            "size": self.size,
-            "speed": self.speed,
-        }
+        return {"color": self.color, "shape": self.shape, "direction": self.direction, "size": self.size}
 
 
 @dataclass(frozen=True)
@@ -193,59 +227,18 @@ def sample_id_of(color: str, shape: str, direction: str) -> int:
     )
 
 
-def max_step(num_frames: int, image_size: int) -> int:
-    """Largest ``k`` that keeps a large object fully inside the frame along the whole trajectory."""
-    room = image_size - 2 * _margin(image_size) - 2 * math.ceil(_RADIUS["large"] * image_size)
-    return room // (num_frames - 1)
-
-
-def _margin(image_size: int) -> int:
-    return max(1, round(image_size / 64))
-
-
-def _step(speed: str, num_frames: int, image_size: int) -> int:
-    k = max_step(num_frames, image_size)
-    return k if speed == "fast" else max(1, round(_SLOW_FRACTION * k))
-
-
-def perm_admissible(perm: tuple[int, ...] | list[int]) -> bool:
-    """Whether ``perm`` may be a clip's perpendicular pattern (see the module docstring)."""
-    n = len(perm)
-    d2 = sum((t - p) ** 2 for t, p in enumerate(perm))
-    rho = 1.0 - 6.0 * d2 / (n * (n * n - 1))
-    if abs(rho) > PERM_MAX_RANK_CORR + 1e-9:
-        return False
-    if n < 4:  # no permutation of 3 hops >= 2 everywhere: drop that condition, keep the symmetry
-        return True
-    inv = [0] * n
-    for t, p in enumerate(perm):
-        inv[p] = t
-    return all(abs(perm[t + 1] - perm[t]) >= PERM_MIN_HOP for t in range(n - 1)) and all(
-        abs(inv[t + 1] - inv[t]) >= PERM_MIN_HOP for t in range(n - 1)
-    )
-
-
-def _sample_perm(n: int, rng: random.Random) -> tuple[int, ...]:
-    # rejection sampling = uniform over the admissible set (about 12% of permutations for n >= 5)
-    perm = list(range(n))
-    while True:
-        rng.shuffle(perm)
-        if perm_admissible(perm):
-            return tuple(perm)
-
-
 def _check_geometry(num_frames: int, image_size: int, max_objects: int) -> None:
-    if num_frames < 3:
+    lattice_shear(num_frames)  # raises for 3, 4 or 6 frames (and fewer)
+    if image_size % num_frames:
         raise ValueError(
-            f"num_frames must be >= 3 (got {num_frames}): with 2 frames every trajectory is a diagonal "
-            "and the direction cannot be hidden from the unordered set of frames"
+            f"image_size {image_size} must be divisible by num_frames {num_frames}: the wallpaper "
+            f"moves image_size / num_frames pixels per frame and repeats after num_frames frames "
+            f"(e.g. image_size {num_frames * max(_MIN_STEP, round(image_size / num_frames))})"
         )
-    if image_size < 16:
-        raise ValueError(f"image_size must be >= 16; got {image_size}")
-    if max_step(num_frames, image_size) < 1:
+    if image_size // num_frames < _MIN_STEP:
         raise ValueError(
-            f"image_size {image_size} is too small for {num_frames} frames: a large object needs room "
-            "to move at least 1 pixel per frame; use a larger image_size or fewer frames"
+            f"image_size {image_size} is too small for {num_frames} frames: the step image_size / "
+            f"num_frames must be at least {_MIN_STEP} pixels; use image_size >= {_MIN_STEP * num_frames}"
         )
     if max_objects not in (1, 2):
         raise ValueError(f"max_objects must be 1 or 2; got {max_objects}")
@@ -260,7 +253,9 @@ def _sample(rng: random.Random, num_frames: int, image_size: int, max_objects: i
     bg_angle = rng.choice((0, 45, 90, 135))
     bg_phase = rng.uniform(0.0, bg_period)
     texture_seed = rng.getrandbits(62)
-    margin = _margin(image_size)
+    shear = lattice_shear(num_frames)
+    step = image_size // num_frames
+    spacing = _shortest(num_frames, shear) * step
     objects: list[ObjectParams] = []
     for _ in range(n_objects):
         # a second object differs in colour and shape so that text can name each one unambiguously
@@ -268,23 +263,18 @@ def _sample(rng: random.Random, num_frames: int, image_size: int, max_objects: i
         shape = rng.choice([s for s in SHAPES if all(o.shape != s for o in objects)])
         direction = rng.choice(DIRECTIONS)
         size = rng.choice(SIZES)
-        speed = rng.choice(SPEEDS)
-        k = _step(speed, num_frames, image_size)
-        radius = _RADIUS[size] * image_size
-        lo = math.ceil(margin + radius)
-        hi = math.floor(image_size - margin - radius - k * (num_frames - 1))
         objects.append(
             ObjectParams(
                 color=color,
                 shape=shape,
                 direction=direction,
                 size=size,
-                speed=speed,
-                x0=rng.randint(lo, hi),
-                y0=rng.randint(lo, hi),
-                step=k,
-                radius=radius,
-                perm=_sample_perm(num_frames, rng),
+                origin=(rng.uniform(0, image_size), rng.uniform(0, image_size)),
+                start=rng.randrange(num_frames),
+                step=step,
+                shear=shear,
+                num_frames=num_frames,
+                radius=_RADIUS[size] * spacing,
             )
         )
     return ClipParams(
@@ -301,6 +291,27 @@ def _sample(rng: random.Random, num_frames: int, image_size: int, max_objects: i
     )
 
 
+def _check_group(group_size: int) -> None:
+    if not 1 <= group_size <= len(DIRECTIONS):
+        raise ValueError(f"group_size must be in 1..{len(DIRECTIONS)}; got {group_size}")
+
+
+def _draw(
+    index: int, split: str, seed: int, num_frames: int, image_size: int, max_objects: int, group_size: int
+) -> tuple[ClipParams, random.Random]:
+    """The clip's parameters and the generator its text is drawn from (see :func:`sample_params`)."""
+    if group_size == 1:
+        rng = random.Random(clip_seed(seed, split, index))
+        # text draws come after the parameter draws, so sample_params stays a cheap prefix
+        return _sample(rng, num_frames, image_size, max_objects), rng
+    group = random.Random(clip_seed(seed, f"{split}/group{group_size}", index // group_size))
+    params = _sample(group, num_frames, image_size, max_objects)
+    direction = group.sample(DIRECTIONS, len(DIRECTIONS))[index % group_size]
+    first = replace(params.objects[0], direction=direction)
+    params = replace(params, objects=(first, *params.objects[1:]))
+    return params, random.Random(clip_seed(seed, f"{split}/text", index))
+
+
 def sample_params(
     index: int,
     split: str = "train",
@@ -308,10 +319,18 @@ def sample_params(
     num_frames: int = 8,
     image_size: int = 64,
     max_objects: int = 1,
+    group_size: int = 1,
 ) -> ClipParams:
-    """The parameters of clip ``index`` of ``split`` (cheap: no rendering)."""
+    """The parameters of clip ``index`` of ``split`` (cheap: no rendering).
+
+    With ``group_size`` k > 1, the k consecutive indices ``g*k .. g*k+k-1`` share one scene (drawn
+    from the seed of ``g``) and their first objects move in k different directions (a random order
+    per group); each member draws its own text. Batches of whole groups
+    (:class:`GroupShuffleSampler`) put clips that differ only in direction side by side: negatives
+    that a contrastive loss can only tell apart by the motion."""
     _check_geometry(num_frames, image_size, max_objects)
-    return _sample(random.Random(clip_seed(seed, split, index)), num_frames, image_size, max_objects)
+    _check_group(group_size)
+    return _draw(index, split, seed, num_frames, image_size, max_objects, group_size)[0]
 
 
 # --------------------------------------------------------------------------- rendering
@@ -386,24 +405,32 @@ def _sprite(shape: str, radius: float, frac: tuple[float, float]) -> tuple[np.nd
     return np.clip(np.float32(0.5) - sdf, 0, 1).astype(np.float32), half
 
 
+def _wallpaper(obj: ObjectParams) -> np.ndarray:
+    """Coverage ``[S, S]`` of the wallpaper at coset 0; the frame at coset ``c`` is this rolled right
+    by ``c * step`` pixels (the torus makes that exact, so equal cosets give equal bytes)."""
+    s = obj.period
+    copies = obj.copies(0)
+    # copies differ by whole pixels, so one sprite serves every copy: paste with wrap-around
+    x_int, y_int = math.floor(copies[0][0]), math.floor(copies[0][1])
+    sprite, half = _sprite(obj.shape, obj.radius, (copies[0][0] - x_int, copies[0][1] - y_int))
+    span = np.arange(sprite.shape[0])
+    alpha = np.zeros((s, s), dtype=np.float32)
+    for cx, cy in copies:
+        rows = (math.floor(cy) - half + span) % s
+        cols = (math.floor(cx) - half + span) % s
+        block = np.ix_(rows, cols)
+        alpha[block] = np.maximum(alpha[block], sprite)
+    return alpha
+
+
 def render_clip(params: ClipParams) -> torch.Tensor:
-    """uint8 ``[T, H, W, 3]`` frames of a clip. Each frame depends only on the object positions at
-    that frame (and the static background), so reordering positions reorders frames exactly."""
+    """uint8 ``[T, H, W, 3]`` frames of a clip. Each frame depends only on the coset every object
+    shows at that frame (and the static background), so equal cosets give identical frames."""
     t_count, s = params.num_frames, params.image_size
     video = np.broadcast_to(_background(params)[None, :, :, None], (t_count, s, s, 3))
     for obj in params.objects:
-        centres = obj.centres()
-        x_int, y_int = math.floor(centres[0][0]), math.floor(centres[0][1])
-        frac = (centres[0][0] - x_int, centres[0][1] - y_int)
-        # centres differ by whole steps, so one sprite serves every frame: paste, don't re-render.
-        # The canvas is padded by the sprite's half-width so a paste never needs clipping.
-        sprite, half = _sprite(obj.shape, obj.radius, frac)
-        size = sprite.shape[0]
-        alpha = np.zeros((t_count, s + 2 * half, s + 2 * half), dtype=np.float32)
-        for t, (cx, cy) in enumerate(centres):
-            x, y = math.floor(cx), math.floor(cy)  # sprite top-left lands at (x - half, y - half)
-            alpha[t, y : y + size, x : x + size] = sprite
-        alpha = alpha[:, half : half + s, half : half + s, None]
+        base = _wallpaper(obj)
+        alpha = np.stack([np.roll(base, c * obj.step, axis=1) for c in obj.cosets()])[..., None]
         color = np.asarray(RGB[obj.color], dtype=np.float32)
         video = video + alpha * (color - video)
     return torch.from_numpy(np.clip(np.rint(video), 0, 255).astype(np.uint8))
@@ -639,14 +666,15 @@ def generate_clip(
     fps: float = 8.0,
     max_objects: int = 1,
     with_audio: bool = True,
+    group_size: int = 1,
 ) -> SyntheticClip:
-    """Clip ``index`` of ``split``: identical bytes for the same arguments, in any process."""
+    """Clip ``index`` of ``split``: identical bytes for the same arguments, in any process
+    (``group_size``: see :func:`sample_params`)."""
     if fps <= 0:
         raise ValueError(f"fps must be positive; got {fps}")
     _check_geometry(num_frames, image_size, max_objects)
-    rng = random.Random(clip_seed(seed, split, index))
-    params = _sample(rng, num_frames, image_size, max_objects)
-    # text draws come after the parameter draws, so sample_params stays a cheap prefix of this
+    _check_group(group_size)
+    params, rng = _draw(index, split, seed, num_frames, image_size, max_objects, group_size)
     caption = _caption(params, rng)
     speech = _speech(params, rng)
     audio_caption = _audio_caption(params, rng)
@@ -671,12 +699,12 @@ def generate_clip(
     )
 
 
-def with_direction(obj: ObjectParams, direction: str, perm: tuple[int, ...] | None = None) -> ObjectParams:
-    """``obj`` moving in ``direction`` (optionally with another perpendicular pattern); for tests,
-    notebooks and hand-made clips passed to :func:`render_clip`."""
+def with_direction(obj: ObjectParams, direction: str, start: int | None = None) -> ObjectParams:
+    """``obj`` moving in ``direction`` (optionally from another start coset); for tests, notebooks
+    and hand-made clips passed to :func:`render_clip`."""
     if direction not in DIRECTIONS:
         raise ValueError(f"unknown direction {direction!r}; expected one of {DIRECTIONS}")
-    return replace(obj, direction=direction, perm=obj.perm if perm is None else tuple(perm))
+    return replace(obj, direction=direction, start=obj.start if start is None else start % obj.num_frames)
 
 
 class SyntheticVideoDataset(Dataset):
@@ -686,7 +714,7 @@ class SyntheticVideoDataset(Dataset):
     ``VideoTransform(image_size)``, i.e. normalisation only); ``audio``: kaldi fbank of the
     waveform (``compute_fbank``); ``speech``: the ASR-style transcript; ``sample_id``: one id per
     (colour, shape, direction) of the first object; ``meta``: index, split, seed, attributes,
-    audio caption.
+    audio caption. ``group_size``: see :func:`sample_params`.
     """
 
     def __init__(
@@ -701,6 +729,7 @@ class SyntheticVideoDataset(Dataset):
         with_audio: bool = True,
         with_speech: bool = True,
         transform: VideoTransform | None = None,
+        group_size: int = 1,
     ) -> None:
         if not split:
             raise ValueError("split must be a non-empty name such as 'train', 'val' or 'test'")
@@ -709,6 +738,8 @@ class SyntheticVideoDataset(Dataset):
         if fps <= 0:
             raise ValueError(f"fps must be positive; got {fps}")
         _check_geometry(num_frames, image_size, max_objects)
+        _check_group(group_size)
+        self.group_size = group_size
         self.split = split
         self.size = size
         self.num_frames = num_frames
@@ -738,12 +769,19 @@ class SyntheticVideoDataset(Dataset):
             self.fps,
             self.max_objects,
             with_audio=self.with_audio,
+            group_size=self.group_size,
         )
 
     def attributes(self, i: int) -> dict[str, Any]:
         """The clip's attributes without rendering it."""
         return sample_params(
-            self._index(i), self.split, self.seed, self.num_frames, self.image_size, self.max_objects
+            self._index(i),
+            self.split,
+            self.seed,
+            self.num_frames,
+            self.image_size,
+            self.max_objects,
+            self.group_size,
         ).attributes()
 
     def __getitem__(self, i: int) -> VideoSample:
@@ -767,6 +805,31 @@ class SyntheticVideoDataset(Dataset):
                 "source": "synthetic",
             },
         )
+
+
+class GroupShuffleSampler(torch.utils.data.Sampler[int]):
+    """Indices ``0..size-1`` in a random order of whole groups of ``group_size`` consecutive indices
+    (members stay together and in order); a new order every epoch (``set_epoch``, which Lightning
+    calls). With a batch size that is a multiple of ``group_size``, every batch holds whole groups.
+    A trailing partial group is kept. Under DDP Lightning strides this order across ranks, which
+    splits groups: the grouping is a single-process (CPU demo) device."""
+
+    def __init__(self, size: int, group_size: int, seed: int = 0) -> None:
+        if group_size < 1:
+            raise ValueError(f"group_size must be >= 1; got {group_size}")
+        self.size, self.group_size, self.seed, self.epoch = size, group_size, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self):
+        groups = list(range(math.ceil(self.size / self.group_size)))
+        random.Random(clip_seed(self.seed, "group-order", self.epoch)).shuffle(groups)
+        for g in groups:
+            yield from range(g * self.group_size, min((g + 1) * self.group_size, self.size))
 
 
 # --------------------------------------------------------------------------- iv2 synth
@@ -883,8 +946,8 @@ __all__ = [
     "SHAPES",
     "SIZES",
     "SPEECH_TEMPLATES",
-    "SPEEDS",
     "ClipParams",
+    "GroupShuffleSampler",
     "ObjectParams",
     "SyntheticClip",
     "SyntheticVideoDataset",
@@ -892,8 +955,7 @@ __all__ = [
     "clip_seed",
     "direction_prompts",
     "generate_clip",
-    "max_step",
-    "perm_admissible",
+    "lattice_shear",
     "render_clip",
     "sample_id_of",
     "sample_params",

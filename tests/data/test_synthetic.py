@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
-import random
-import statistics
 import subprocess
 import sys
 from collections import defaultdict
+from dataclasses import replace
 
 import av
 import pytest
@@ -29,10 +29,11 @@ from iv2_lightning.data.synthetic import (
     SHAPES,
     SyntheticClip,
     SyntheticVideoDataset,
+    _background,
     attributes_from_text,
     direction_prompts,
     generate_clip,
-    perm_admissible,
+    lattice_shear,
     render_clip,
     sample_params,
     synth_main,
@@ -60,32 +61,6 @@ def clip_digest(clip: SyntheticClip) -> str:
     return h.hexdigest()
 
 
-def track(frames: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Object centre per frame: saturation-weighted centroid (backgrounds are grey, objects saturated)."""
-    f = frames.float()
-    sat = f.max(dim=-1).values - f.min(dim=-1).values  # [T, H, W]
-    w = sat / sat.sum(dim=(1, 2), keepdim=True)
-    coords = torch.arange(frames.shape[1], dtype=torch.float32) + 0.5
-    return (w.sum(dim=1) * coords).sum(-1), (w.sum(dim=2) * coords).sum(-1)
-
-
-def corr(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm() + 1e-12))
-
-
-def tracker_direction(frames: torch.Tensor) -> str:
-    """The motion axis is the coordinate that changes linearly with frame index; its sign is the way."""
-    cx, cy = track(frames)
-    t = torch.arange(frames.shape[0], dtype=torch.float32)
-    # a coordinate that does not move (beyond float noise of the centroid) has no trend
-    rx = corr(t, cx) if cx.std() > 0.25 else 0.0
-    ry = corr(t, cy) if cy.std() > 0.25 else 0.0
-    if abs(rx) >= abs(ry):
-        return "right" if rx > 0 else "left"
-    return "down" if ry > 0 else "up"
-
-
 def chi2_homogeneity_pvalue(table: torch.Tensor) -> float:
     """p-value of Pearson's chi-square test that the rows of a count table share one distribution."""
     table = table.double()
@@ -95,13 +70,6 @@ def chi2_homogeneity_pvalue(table: torch.Tensor) -> float:
     stat = ((table - expected) ** 2 / expected).sum()
     df = (table.shape[0] - 1) * (table.shape[1] - 1)
     return float(torch.special.gammaincc(torch.tensor(df / 2.0), stat / 2.0))
-
-
-def inverse(perm: tuple[int, ...]) -> tuple[int, ...]:
-    inv = [0] * len(perm)
-    for t, p in enumerate(perm):
-        inv[p] = t
-    return tuple(inv)
 
 
 # --------------------------------------------------------------------------- basics
@@ -130,26 +98,37 @@ def test_audio_length_follows_fps():
     assert generate_clip(0, with_audio=False).waveform is None
 
 
-@pytest.mark.parametrize(("num_frames", "image_size"), [(8, 64), (16, 128), (3, 32), (8, 100)])
-def test_objects_stay_inside_the_frame(num_frames, image_size):
-    for i in range(100):
+def test_lattice_shear_and_spacing():
+    assert [lattice_shear(t) for t in (5, 7, 8, 16)] == [2, 2, 3, 3]
+    for t in (5, 7, 8, 9, 10, 12, 16, 32):
+        a = lattice_shear(t)
+        assert math.gcd(a, t) == 1 and a % t not in (1, t - 1)
+    for t in (2, 3, 4, 6):
+        with pytest.raises(ValueError, match=f"num_frames={t} is not supported"):
+            lattice_shear(t)
+
+
+@pytest.mark.parametrize(("num_frames", "image_size"), [(8, 64), (16, 128), (5, 40), (8, 32)])
+def test_wallpaper_copies_are_spread_and_never_touch(num_frames, image_size):
+    for i in range(20):
         p = sample_params(i, num_frames=num_frames, image_size=image_size, max_objects=2)
         for obj in p.objects:
-            for cx, cy in obj.centres():
-                assert obj.radius <= cx <= image_size - obj.radius
-                assert obj.radius <= cy <= image_size - obj.radius
-    for i in range(20):
-        frames = generate_clip(i, num_frames=num_frames, image_size=image_size, max_objects=2).frames.int()
-        sat = frames.max(-1).values - frames.min(-1).values
-        border = torch.cat([sat[:, 0], sat[:, -1], sat[:, :, 0], sat[:, :, -1]], dim=1)
-        assert border.max() == 0, "an object touches the frame border"
+            pts = torch.tensor(obj.copies(0))
+            assert len(pts) == num_frames
+            # torus distance between every pair of copies: at least sqrt(5) steps, > 2 radii + a gap
+            d = (pts[:, None] - pts[None]).abs()
+            d = torch.minimum(d, image_size - d).norm(dim=-1) + torch.eye(num_frames) * 1e9
+            assert d.min() >= math.sqrt(5) * obj.step - 1e-4
+            assert d.min() > 2 * 1.16 * obj.radius  # a square's corner reaches 1.16 x radius
 
 
 def test_invalid_geometry_is_rejected():
-    with pytest.raises(ValueError, match="num_frames"):
-        generate_clip(0, num_frames=2)
+    with pytest.raises(ValueError, match="num_frames=4"):
+        generate_clip(0, num_frames=4, image_size=64)
+    with pytest.raises(ValueError, match="divisible by num_frames 8"):
+        generate_clip(0, num_frames=8, image_size=100)
     with pytest.raises(ValueError, match="too small"):
-        generate_clip(0, num_frames=32, image_size=32)
+        generate_clip(0, num_frames=16, image_size=16)
     with pytest.raises(ValueError, match="max_objects"):
         SyntheticVideoDataset(max_objects=3)
     with pytest.raises(ValueError, match="fps"):
@@ -196,93 +175,114 @@ def test_splits_are_disjoint_streams():
 # --------------------------------------------------------------------------- the direction is temporal
 
 
-def test_admissible_permutations_are_closed_under_inverse_and_reversal():
-    # the symmetry argument needs the perpendicular pattern's distribution invariant under these maps
-    for n in range(3, 8):
-        admissible = 0
-        for perm in itertools.permutations(range(n)):
-            ok = perm_admissible(perm)
-            admissible += ok
-            assert ok == perm_admissible(inverse(perm))
-            assert ok == perm_admissible(perm[::-1])  # pi o rev
-            assert ok == perm_admissible(tuple(n - 1 - p for p in perm))  # rev o pi
-            if ok:
-                assert perm not in (tuple(range(n)), tuple(range(n))[::-1])
-        assert admissible > 0
-    for i in range(50):
-        for obj in sample_params(i, num_frames=16, image_size=128).objects:
-            assert perm_admissible(obj.perm)
+def test_every_direction_shows_every_coset_once():
+    for i in range(40):
+        for num_frames, size in ((8, 64), (16, 128), (5, 40)):
+            obj = sample_params(i, num_frames=num_frames, image_size=size).objects[0]
+            for d in DIRECTIONS:
+                assert sorted(with_direction(obj, d).cosets()) == list(range(num_frames))
 
 
-def test_right_and_mirrored_down_clip_have_the_same_set_of_frames():
+def test_one_step_of_the_motion_is_the_wallpaper_translated_by_the_step():
+    # the coset arithmetic is the picture: frame t+1 is frame t rolled by `step` pixels along the
+    # clip's direction (the torus wraps), for every direction, frame count and size
+    for i in range(8):
+        for num_frames, size in ((8, 64), (16, 128), (5, 40)):
+            # on a plain background the frame minus the background is the (coloured) wallpaper alone
+            params = replace(sample_params(i, num_frames=num_frames, image_size=size), background="plain")
+            obj = params.objects[0]
+            for d in DIRECTIONS:
+                clip = replace(params, objects=(with_direction(obj, d),))
+                f = render_clip(clip).int() - torch.from_numpy(_background(clip)).round().int()[..., None]
+                dx, dy = with_direction(obj, d).velocity()
+                moved = torch.roll(f[:-1], shifts=(dy * obj.step, dx * obj.step), dims=(1, 2))
+                assert (moved - f[1:]).abs().max() <= 1, (i, num_frames, d)
+
+
+def test_all_four_directions_have_the_same_set_of_frames():
     for i in range(10):
         params = sample_params(i)
         obj = params.objects[0]
-        right = with_direction(obj, "right")
-        down = with_direction(obj, "down", inverse(obj.perm))  # same (a, b, k), pi -> pi^-1
-        assert sorted(right.centres()) == sorted(down.centres())
-        assert right.centres() != down.centres()
-        f_right = render_clip(params.__class__(**{**params.__dict__, "objects": (right,)}))
-        f_down = render_clip(params.__class__(**{**params.__dict__, "objects": (down,)}))
-        assert sorted(f.numpy().tobytes() for f in f_right) == sorted(f.numpy().tobytes() for f in f_down)
-        assert not torch.equal(f_right, f_down)
+        bags, clips = [], []
+        for d in DIRECTIONS:
+            frames = render_clip(replace(params, objects=(with_direction(obj, d),)))
+            bags.append(sorted(f.numpy().tobytes() for f in frames))
+            clips.append(frames)
+        assert all(b == bags[0] for b in bags)  # pixel-exact: the same multiset of frames
+        assert all(not torch.equal(a, b) for a, b in itertools.combinations(clips, 2))
 
 
 @pytest.mark.parametrize(("backward", "forward"), [("left", "right"), ("up", "down")])
 def test_reversed_clip_is_pixel_exactly_the_opposite_direction(backward, forward):
-    from dataclasses import replace
-
     for i in range(12):
         params = sample_params(i, max_objects=1)
         obj = with_direction(params.objects[0], backward)
-        clip = replace(params, objects=(obj,))
-        mirrored = replace(params, objects=(with_direction(obj, forward, obj.perm[::-1]),))
-        assert perm_admissible(obj.perm[::-1])
-        assert torch.equal(render_clip(clip).flip(0), render_clip(mirrored))
+        mirrored = with_direction(obj, forward, start=obj.cosets()[-1])
+        assert torch.equal(
+            render_clip(replace(params, objects=(obj,))).flip(0),
+            render_clip(replace(params, objects=(mirrored,))),
+        )
 
 
-def test_frame_positions_are_distributed_alike_for_all_directions():
+def test_clip_parameters_other_than_direction_are_independent_of_it():
     n = 4000
-    rng = random.Random(0)
-    per_frame = torch.zeros(4, 16, dtype=torch.long)  # one random frame per clip: independent samples
-    pairing = torch.zeros(4, 5, dtype=torch.long)  # order-free: how x and y pair up within the set
-    corners = torch.zeros(n, 2)  # order-free: where the set of positions lies (its top-left corner)
+    start = torch.zeros(4, 8, dtype=torch.long)
+    origin = torch.zeros(4, 16, dtype=torch.long)
+    shape = torch.zeros(4, len(SHAPES), dtype=torch.long)
     dirs = torch.zeros(n, dtype=torch.long)
     for i in range(n):
         params = sample_params(i, split="stats")
         obj = params.objects[0]
         d = DIRECTIONS.index(obj.direction)
-        centres = obj.centres()
-        x, y = centres[rng.randrange(len(centres))]
-        per_frame[d, 4 * min(3, 4 * y // params.image_size) + min(3, 4 * x // params.image_size)] += 1
-        xs, ys = zip(*centres)
-        r = statistics.correlation(xs, ys)
-        pairing[d, min(4, int((r + 1) / 2 * 5))] += 1
-        corners[i] = torch.tensor([min(xs), min(ys)])
         dirs[i] = d
+        start[d, obj.start] += 1
+        ox, oy = obj.origin
+        origin[d, 4 * int(4 * oy // params.image_size) + int(4 * ox // params.image_size)] += 1
+        shape[d, SHAPES.index(obj.shape)] += 1
     assert (torch.bincount(dirs, minlength=4) > 0.22 * n).all()
-    edges = corners.quantile(torch.tensor([1 / 3, 2 / 3]), dim=0)  # [2 edges, (x, y)]
-    bins = (corners[:, None, :] > edges[None]).sum(1)  # [n, 2] in 0..2
-    corner = torch.zeros(4, 9, dtype=torch.long)
-    corner.index_put_((dirs, 3 * bins[:, 1] + bins[:, 0]), torch.ones(n, dtype=torch.long), accumulate=True)
-    for table in (per_frame, pairing, corner):
+    for table in (start, origin, shape):
         assert chi2_homogeneity_pvalue(table) > 1e-3, table
+
+
+def phase_shift(a: torch.Tensor, b: torch.Tensor) -> tuple[int, int]:
+    """The shortest translation (dx, dy) on the torus that maps frame ``a`` onto ``b``: the circular
+    cross-correlation of the saturation maps peaks at every translation that does (the wallpaper
+    repeats along its lattice), and the eye picks the shortest of them."""
+    sat = [f.float().max(-1).values - f.float().min(-1).values for f in (a, b)]
+    fa, fb = (torch.fft.fft2(s - s.mean()) for s in sat)
+    cross = fb * fa.conj()
+    corr = torch.fft.ifft2(cross).real
+    h, w = corr.shape
+    dy, dx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    dx, dy = torch.where(dx > w // 2, dx - w, dx), torch.where(dy > h // 2, dy - h, dy)
+    peaks = corr >= 0.98 * corr.max()
+    norm = torch.where(peaks, (dx * dx + dy * dy).float(), torch.inf)
+    i = int(norm.argmin())
+    return int(dx.flatten()[i]), int(dy.flatten()[i])
+
+
+def tracker_direction(frames: torch.Tensor) -> str:
+    """Sum of the consecutive frames' displacements: its dominant axis and sign are the direction."""
+    sx = sy = 0
+    for a, b in itertools.pairwise(frames):
+        dx, dy = phase_shift(a, b)
+        sx, sy = sx + dx, sy + dy
+    if abs(sx) >= abs(sy):
+        return "right" if sx > 0 else "left"
+    return "down" if sy > 0 else "up"
 
 
 def test_tracker_reads_direction_from_ordered_frames_but_not_from_shuffled_ones():
     g = torch.Generator().manual_seed(0)
-    hits = shuffled_dir = shuffled_axis = 0
+    hits = shuffled = 0
     n = 120
     for i in range(n):
         clip = generate_clip(i, "val", with_audio=False)
         truth = clip.attributes["direction"]
         hits += tracker_direction(clip.frames) == truth
-        guess = tracker_direction(clip.frames[torch.randperm(len(clip.frames), generator=g)])
-        shuffled_dir += guess == truth
-        shuffled_axis += (guess in ("left", "right")) == (truth in ("left", "right"))
+        shuffled += tracker_direction(clip.frames[torch.randperm(len(clip.frames), generator=g)]) == truth
     assert hits == n
-    assert 0.35 <= shuffled_axis / n <= 0.65
-    assert shuffled_dir / n <= 0.40
+    assert shuffled / n <= 0.40
     big = generate_clip(0, image_size=224, num_frames=16, with_audio=False)
     assert tracker_direction(big.frames) == big.attributes["direction"]
 
@@ -469,13 +469,13 @@ def test_dataset_items_and_cheap_attributes():
 
 
 def test_dataset_collates_into_a_video_batch_across_workers():
-    ds = SyntheticVideoDataset(size=6, num_frames=4, image_size=32)
+    ds = SyntheticVideoDataset(size=6, num_frames=8, image_size=32)
     collate = VideoCollate(max_text_length=64)
     loader = torch.utils.data.DataLoader(ds, batch_size=3, num_workers=1, collate_fn=collate)
     batches = list(loader)
     assert len(batches) == 2 and all(isinstance(b, VideoBatch) for b in batches)
     b = batches[0]
-    assert b.video.shape == (3, 3, 4, 32, 32)
+    assert b.video.shape == (3, 3, 8, 32, 32)
     assert b.audio.shape[0] == 3 and b.audio.shape[-1] == 128 and b.audio_mask.all()
     assert b.label.tolist() == [ds[i].label for i in range(3)]
     assert b.present("caption").all() and b.present("speech").all() and b.present("dialogue").all()
@@ -522,7 +522,7 @@ def test_synth_main_writes_playable_media_and_annotations(tmp_path, capsys):
     assert synth_main([*args[:3], "1"]) == 1  # refuses to overwrite
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "annotations.jsonl").read_text() == before
-    assert synth_main([*args[:3], "1", "--overwrite", "--format", "webm", "--num-frames", "4"]) == 0
+    assert synth_main([*args[:3], "1", "--overwrite", "--format", "webm", "--num-frames", "16"]) == 0
     rows = [json.loads(line) for line in (out / "annotations.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["video"] == "videos/train_000000.webm"
     assert (out / rows[0]["video"]).is_file()

@@ -40,7 +40,7 @@ _SAMPLES: list[VideoSample] = []
 def synthetic_samples(n: int = 8) -> list[VideoSample]:
     """Synthetic clips (rendered once per session); the first four share sample ids pairwise."""
     if len(_SAMPLES) < n:
-        ds = SyntheticVideoDataset(split="test", size=64, num_frames=4, image_size=32, seed=3)
+        ds = SyntheticVideoDataset(split="test", size=64, num_frames=8, image_size=32, seed=3)
         _SAMPLES[:] = [ds[i] for i in range(max(n, 8))]
     out = [replace(s, meta=dict(s.meta)) for s in _SAMPLES[:n]]
     for i in range(min(n, 4)):
@@ -349,7 +349,7 @@ def test_retrieval_scores_with_perfect_embeddings():
 
 def test_trainer_fit_validate_test_log_the_metrics(tmp_path):
     dm = SyntheticVideoDataModule(
-        num_frames=4, image_size=32, batch_size=4, train_size=8, val_size=8, test_size=8, max_text_length=48
+        num_frames=8, image_size=32, batch_size=4, train_size=8, val_size=8, test_size=8, max_text_length=48
     )
     s = stage(mlm=0.5)
     trainer = L.Trainer(
@@ -412,7 +412,7 @@ def test_learns_on_synthetic_data():
     torch.manual_seed(SEED)
     steps, bs = 100, 16
     dm = SyntheticVideoDataModule(
-        num_frames=4,
+        num_frames=8,
         image_size=32,
         batch_size=bs,
         train_size=320,

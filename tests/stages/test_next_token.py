@@ -37,7 +37,7 @@ def make_stage(**kw) -> NextTokenStage:
 
 
 def clips(n: int, with_audio: bool = False) -> list[VideoSample]:
-    ds = SyntheticVideoDataset(size=n, num_frames=4, image_size=32, with_audio=with_audio)
+    ds = SyntheticVideoDataset(size=n, num_frames=8, image_size=32, with_audio=with_audio)
     return [ds[i] for i in range(n)]
 
 
@@ -349,7 +349,7 @@ def test_overfits_eight_clips_to_exact_captions():
 
 def datamodule(**kw) -> SyntheticVideoDataModule:
     args = dict(
-        num_frames=4,
+        num_frames=8,
         image_size=32,
         batch_size=4,
         train_size=8,
