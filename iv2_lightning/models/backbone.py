@@ -266,6 +266,11 @@ class VideoEncoder(nn.Module):
             raise ValueError(f"image_size {image_size} is not divisible by patch_size {patch_size}")
         if num_frames % tubelet_size != 0:
             raise ValueError(f"num_frames {num_frames} is not divisible by tubelet_size {tubelet_size}")
+        if frame_wise and tubelet_size != 1:
+            raise ValueError(
+                f"frame_wise=True needs tubelet_size=1 (got {tubelet_size}): a tubelet spans several frames, "
+                "so its tokens would still see the order of the frames"
+            )
         self.embed_dim = embed_dim
         self.depth = depth
         self.attention = attention
@@ -322,6 +327,41 @@ class VideoEncoder(nn.Module):
         # the patch projection as a Linear over the flattened patch (MAE)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+
+    def adapt_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
+        """Adapt, in place, the tensors of ``state`` under ``prefix`` that differ from this encoder
+        only in their time extent, and return a note per adapted tensor.
+
+        * ``patch_embed.proj.weight`` of another tubelet size: from ``k`` frames to 1 the kernel is
+          summed over time (one frame through it equals that frame repeated ``k`` times through the
+          original); from 1 to ``k`` it is repeated and divided by ``k`` (I3D's inflation).
+        * ``pos_embed`` of another number of token frames (same spatial grid): resampled linearly
+          in time, as when the frame count changes at run time.
+        Shapes that differ in any other way are left for the caller to report.
+        """
+        notes = []
+        key = f"{prefix}patch_embed.proj.weight"
+        own = self.patch_embed.proj.weight
+        w = state.get(key)
+        if w is not None and w.dim() == 5 and w.shape != own.shape:
+            k_src, k_dst = w.shape[2], own.shape[2]
+            if w.shape[:2] + w.shape[3:] == own.shape[:2] + own.shape[3:]:
+                if k_dst == 1:
+                    state[key] = w.sum(dim=2, keepdim=True)
+                elif k_src == 1:
+                    state[key] = w.repeat(1, 1, k_dst, 1, 1) / k_dst
+                if state[key].shape == own.shape:
+                    notes.append(f"{key}: tubelet {k_src} -> {k_dst}")
+        key = f"{prefix}pos_embed"
+        pos = state.get(key)
+        if pos is not None and pos.dim() == 3 and pos.shape != self.pos_embed.shape:
+            _, h, w_ = self.grid_size
+            n = pos.shape[1] - self.num_prefix
+            if pos.shape[2] == self.embed_dim and n > 0 and n % (h * w_) == 0:
+                src = (n // (h * w_), h, w_)
+                state[key] = interpolate_pos_embed_3d(pos, src, self.grid_size, self.num_prefix)
+                notes.append(f"{key}: {src[0]} -> {self.grid_size[0]} token frames")
+        return notes
 
     # -- forward -----------------------------------------------------------------------------
 

@@ -70,8 +70,10 @@ def load_shared_weights(
     ``prefix_map`` renames key prefixes of the source first (``{"student.": "video_encoder."}``).
     Only keys under the model's shared modules are considered. Shapes must match (otherwise
     :class:`WeightsMismatchError` names every mismatched tensor); with ``strict`` every shared
-    tensor of the model must be present in the source. Returns a report with the loaded, missing,
-    unexpected and mismatched keys, which is also logged.
+    tensor of the model must be present in the source. Tensors that differ only in their time extent
+    are adapted first by the module that owns them (``VideoEncoder.adapt_state_dict``: another
+    tubelet size or frame count). Returns a report with the loaded, missing, unexpected and adapted
+    keys, which is also logged.
     """
     from iv2_lightning.stages.base import SHARED_MODULES
 
@@ -81,6 +83,10 @@ def load_shared_weights(
     names = modules or tuple(n for n in SHARED_MODULES if isinstance(getattr(model, n, None), nn.Module))
     own = {k: v for k, v in model.state_dict().items() if k.split(".", 1)[0] in names}
     incoming = {k: v for k, v in state.items() if k.split(".", 1)[0] in names}
+    adapted = []
+    for name, module in model.named_modules():
+        if name and name.split(".", 1)[0] in names and hasattr(module, "adapt_state_dict"):
+            adapted += module.adapt_state_dict(incoming, prefix=f"{name}.")
     mismatched = [
         f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
         for k, v in incoming.items()
@@ -115,8 +121,11 @@ def load_shared_weights(
         "loaded": len(loadable),
         "missing": missing,
         "unexpected": unexpected,
+        "adapted": adapted,
         "from_stage": manifest.get("stage"),
     }
+    for note in adapted:
+        log.info("init_from %s: adapted %s", source, note)
     log.info(
         "init_from %s: loaded %d tensors; %d missing%s; %d unexpected%s",
         source,

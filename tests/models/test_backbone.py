@@ -340,6 +340,36 @@ def test_frame_wise_encoder_is_blind_to_frame_order(attention):
     assert (enc(v).pooled - enc(v[:, :, perm]).pooled).abs().max() > 1e-4
 
 
+def test_frame_wise_needs_single_frame_tubelets():
+    with pytest.raises(ValueError, match="frame_wise=True needs tubelet_size=1 \\(got 2\\)"):
+        small("divided", frame_wise=True, tubelet_size=2)
+
+
+def test_adapt_state_dict_to_another_tubelet_and_frame_count():
+    src = small("divided", tubelet_size=2)  # grid (2, 4, 4)
+    dst = small("divided", frame_wise=True)  # tubelet 1, grid (4, 4, 4)
+    state = {f"enc.{k}": v.clone() for k, v in src.state_dict().items()}
+    notes = dst.adapt_state_dict(state, prefix="enc.")
+    assert notes == ["enc.patch_embed.proj.weight: tubelet 2 -> 1", "enc.pos_embed: 2 -> 4 token frames"]
+    dst.load_state_dict({k[4:]: v for k, v in state.items()})
+    # a static clip looks the same through the summed kernel as through the tubelet kernel
+    frame = torch.randn(1, 3, 1, 32, 32)
+    a = src.patch_embed(frame.expand(1, 3, 2, 32, 32))
+    b = dst.patch_embed(frame)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    # and back: 1 -> 2 repeats the kernel over time divided by 2 (I3D inflation), same response
+    back = {k: v.clone() for k, v in dst.state_dict().items()}
+    assert src.adapt_state_dict(back) == [
+        "patch_embed.proj.weight: tubelet 1 -> 2",
+        "pos_embed: 4 -> 2 token frames",
+    ]
+    src.load_state_dict(back)
+    torch.testing.assert_close(src.patch_embed(frame.expand(1, 3, 2, 32, 32)), b, atol=1e-5, rtol=1e-5)
+    # another width or patch size is not adapted: the caller reports it
+    other = small("divided", embed_dim=64, num_heads=4, mlp_dim=128, clip_embed_dim=64, patch_size=4).state_dict()
+    assert dst.adapt_state_dict(dict(other)) == []
+
+
 def test_frame_wise_masked_and_checkpointed_paths_agree():
     enc = small("joint", frame_wise=True)
     v = video()

@@ -1,6 +1,7 @@
 """BaseStage: optimizer groups, schedule, freeze, init_from / export, bad-step handling."""
 
 import itertools
+import logging
 import math
 
 import lightning as L
@@ -102,6 +103,20 @@ def test_init_from_mismatched_architecture_names_the_tensors(tmp_path):
         action(init_from=str(folder))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         action(init_from=str(tmp_path / "missing"))
+
+
+def test_init_from_adapts_the_tubelet_for_the_frame_wise_control(tmp_path, caplog):
+    src = MaskedVideoStage(encoder={**TINY, "tubelet_size": 2})
+    folder = export_shared_weights(src, tmp_path / "export", {"stage": "stage1"})
+    with caplog.at_level(logging.INFO, logger="iv2_lightning.stages.weights"):
+        dst = ActionStage(num_classes=4, encoder={**TINY, "frame_wise": True}, init_from=str(folder))
+    assert dst.init_report["adapted"] == [
+        "video_encoder.patch_embed.proj.weight: tubelet 2 -> 1",
+        "video_encoder.pos_embed: 2 -> 4 token frames",
+    ]
+    assert "adapted video_encoder.patch_embed.proj.weight: tubelet 2 -> 1" in caplog.text
+    w = src.video_encoder.patch_embed.proj.weight.sum(dim=2, keepdim=True)
+    torch.testing.assert_close(dst.video_encoder.patch_embed.proj.weight, w)
 
 
 def test_init_from_strict_and_prefix_map(tmp_path):
