@@ -186,7 +186,11 @@ class NextTokenStage(BaseStage):
     those modules; ``init_from`` a stage-2 export fills them). ``prompt``: text put between BOS and
     the caption, in training and in :meth:`caption` (not counted by the loss).
     ``val_generate_batches``: how many validation/test batches also decode captions for BLEU,
-    ROUGE-L and attribute accuracy (decoding is slow).
+    ROUGE-L and attribute accuracy (decoding is slow). ``pooled_token``: put the encoder's pooled clip
+    embedding (the attention pool that stage 2 aligns with text), projected to the LM width, in
+    front of the resampler's queries, so the prefix is ``num_queries + 1`` tokens (ClipCap's prefix
+    next to BLIP-2's Q-Former); it carries stage 2's alignment into stage 3 directly, which matters
+    when stage 2 froze the trunk and what it learned lives in the pool.
     """
 
     stage_name = "stage3"
@@ -209,6 +213,7 @@ class NextTokenStage(BaseStage):
         max_new_tokens: int = 40,
         val_generate_batches: int = 2,
         prompt: str = "",
+        pooled_token: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -263,6 +268,8 @@ class NextTokenStage(BaseStage):
         self.resampler = QueryResampler(
             context_dim, lm_dim, num_queries=num_queries, depth=resampler_depth, **(resampler or {})
         )
+        self.pooled_proj = nn.Linear(self.video_encoder.embed_out_dim, lm_dim) if pooled_token else None
+        self.prefix_length = num_queries + int(pooled_token)
         limit = self.max_text_length()
         if limit is not None and 1 + len(self.prompt_ids) + max_new_tokens > limit:
             raise ValueError(
@@ -331,7 +338,7 @@ class NextTokenStage(BaseStage):
         if self.builtin_lm:
             return self.lm.max_length
         positions = getattr(self.lm.config, "max_position_embeddings", None)
-        return None if positions is None else positions - self.resampler.num_queries
+        return None if positions is None else positions - self.prefix_length
 
     # -- the model -----------------------------------------------------------------------------------
 
@@ -345,10 +352,11 @@ class NextTokenStage(BaseStage):
         speech_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``video [B, 3, T, H, W]`` (+ audio fbank / speech ids when the stage uses them) → the
-        language model prefix ``[B, num_queries, lm_dim]``."""
+        language model prefix ``[B, prefix_length, lm_dim]`` (``num_queries``, + 1 with ``pooled_token``)."""
         if video.dim() != 5:
             raise ValueError(f"video must be [B, 3, T, H, W]; got {tuple(video.shape)}")
-        tokens = self.video_encoder(video).tokens
+        out = self.video_encoder(video)
+        tokens = out.tokens
         mask = None
         if self.use_audio or self.use_speech:
             toks: dict[str, torch.Tensor] = {"video": tokens}
@@ -365,7 +373,10 @@ class NextTokenStage(BaseStage):
                 present["speech"] = s_mask.any(dim=1)
             fused = self.fusion(toks, masks, present)
             tokens, mask = fused.fused, fused.fused_mask
-        return self.resampler(tokens, mask)
+        prefix = self.resampler(tokens, mask)
+        if self.pooled_proj is not None:
+            prefix = torch.cat([self.pooled_proj(out.pooled)[:, None].to(prefix.dtype), prefix], dim=1)
+        return prefix
 
     def batch_prefix(self, batch: VideoBatch) -> torch.Tensor:
         return self.visual_prefix(
@@ -378,7 +389,7 @@ class NextTokenStage(BaseStage):
         )
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        """The language model prefix of ``video [B, 3, T, H, W]``: ``[B, num_queries, lm_dim]``."""
+        """The language model prefix of ``video [B, 3, T, H, W]``: ``[B, prefix_length, lm_dim]``."""
         return self.visual_prefix(video)
 
     def lm_logits(

@@ -80,6 +80,21 @@ def test_prefix_and_logit_shapes(stage, batch):
     assert stage.stage_name == "stage3"
 
 
+def test_pooled_token_leads_the_prefix(batch):
+    s = make_stage(pooled_token=True).eval()
+    with torch.no_grad():
+        prefix = s.batch_prefix(batch)
+        out = s.video_encoder(batch.video)
+    assert prefix.shape == (4, 9, s.lm_dim) and s.prefix_length == 9
+    torch.testing.assert_close(prefix[:, 0], s.pooled_proj(out.pooled))
+    torch.testing.assert_close(prefix[:, 1:], s.resampler(out.tokens))
+    # the LM is trained through it: the pooled projection gets gradients from the caption loss
+    s.train()
+    s.compute_loss(batch)["loss"].backward()
+    assert s.pooled_proj.weight.grad.abs().sum() > 0
+    assert make_stage().pooled_proj is None and make_stage().prefix_length == 8
+
+
 def test_resampler_shape_and_padding_invariance():
     torch.manual_seed(0)
     r = QueryResampler(context_dim=48, out_dim=32, num_queries=5, depth=2)
