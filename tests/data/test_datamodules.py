@@ -38,12 +38,12 @@ def synth_dir(tmp_path_factory) -> Path:
 
 def test_synthetic_datamodule_yields_full_batches():
     dm = SyntheticVideoDataModule(
-        num_frames=4, image_size=32, batch_size=4, train_size=8, val_size=4, test_size=4
+        num_frames=8, image_size=32, batch_size=4, train_size=8, val_size=4, test_size=4
     )
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert isinstance(batch, VideoBatch)
-    assert batch.video.shape == (4, 3, 4, 32, 32)
+    assert batch.video.shape == (4, 3, 8, 32, 32)
     assert batch.audio is not None and batch.audio.shape[-1] == 128 and batch.audio_mask.all()
     assert (
         batch.caption_ids.shape[0] == 4 and batch.present("speech").all() and batch.present("dialogue").all()
@@ -52,7 +52,7 @@ def test_synthetic_datamodule_yields_full_batches():
     assert all("attributes" in m for m in batch.meta)
     val = next(iter(dm.val_dataloader()))
     fresh = SyntheticVideoDataModule(
-        num_frames=4, image_size=32, batch_size=4, train_size=8, val_size=4, test_size=4
+        num_frames=8, image_size=32, batch_size=4, train_size=8, val_size=4, test_size=4
     )
     fresh.setup("validate")
     assert torch.equal(
@@ -62,7 +62,7 @@ def test_synthetic_datamodule_yields_full_batches():
 
 def test_modalities_switch_fields_off():
     dm = SyntheticVideoDataModule(
-        num_frames=4,
+        num_frames=8,
         image_size=32,
         batch_size=2,
         train_size=2,
