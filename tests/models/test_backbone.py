@@ -366,7 +366,9 @@ def test_adapt_state_dict_to_another_tubelet_and_frame_count():
     src.load_state_dict(back)
     torch.testing.assert_close(src.patch_embed(frame.expand(1, 3, 2, 32, 32)), b, atol=1e-5, rtol=1e-5)
     # another width or patch size is not adapted: the caller reports it
-    other = small("divided", embed_dim=64, num_heads=4, mlp_dim=128, clip_embed_dim=64, patch_size=4).state_dict()
+    other = small(
+        "divided", embed_dim=64, num_heads=4, mlp_dim=128, clip_embed_dim=64, patch_size=4
+    ).state_dict()
     assert dst.adapt_state_dict(dict(other)) == []
 
 
