@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from iv2_lightning.data.batch import MODALITIES, SkippedSample, VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.datasets import OnError, SkipLog, VideoTextDataset, collect_skipped
-from iv2_lightning.data.synthetic import GroupShuffleSampler, SyntheticVideoDataset
+from iv2_lightning.data.synthetic import SyntheticVideoDataset
 from iv2_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
 from iv2_lightning.data.video_io import VideoDecodeError, read_clip
 from iv2_lightning.models.text import build_tokenizer
@@ -75,19 +75,13 @@ class VideoDataModuleBase(L.LightningDataModule):
     def transform(self, train: bool) -> VideoTransform:
         return VideoTransform(self.image_size, train=train, mean=self.mean, std=self.std)
 
-    def sampler(self, split: str, shuffle: bool) -> Sampler | None:
-        """A custom sampler for ``split`` (None: the DataLoader's own, shuffled when ``shuffle``)."""
-        return None
-
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} data; set it in the config")
-        sampler = self.sampler(split, shuffle)
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,
-            shuffle=shuffle and sampler is None,
-            sampler=sampler,
+            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=self.collate,
             pin_memory=self.pin_memory,
@@ -117,12 +111,7 @@ class VideoDataModuleBase(L.LightningDataModule):
 
 
 class SyntheticVideoDataModule(VideoDataModuleBase):
-    """The embedded synthetic multimodal clips (no download): see :mod:`iv2_lightning.data.synthetic`.
-
-    ``group_size`` k > 1 (training split only): the training clips come in groups of k that share a
-    scene and differ in direction, and every shuffled batch holds whole groups
-    (:class:`~iv2_lightning.data.synthetic.GroupShuffleSampler`); ``batch_size`` must be a multiple
-    of k. Validation and test clips stay independent."""
+    """The embedded synthetic multimodal clips (no download): see :mod:`iv2_lightning.data.synthetic`."""
 
     def __init__(
         self,
@@ -140,13 +129,7 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
         tokenizer: str = "byte",
         max_text_length: int = 64,
         pin_memory: bool = False,
-        group_size: int = 1,
     ) -> None:
-        if group_size > 1 and batch_size % group_size:
-            raise ValueError(
-                f"batch_size {batch_size} must be a multiple of group_size {group_size}, so that every "
-                "training batch holds whole groups of clips that differ only in direction"
-            )
         super().__init__(
             num_frames=num_frames,
             image_size=image_size,
@@ -161,12 +144,6 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
         self.seed = seed
         self.max_objects = max_objects
         self.fps = fps
-        self.group_size = group_size
-
-    def sampler(self, split: str, shuffle: bool) -> Sampler | None:
-        if split != "train" or self.group_size == 1 or not shuffle:
-            return None
-        return GroupShuffleSampler(len(self.datasets[split]), self.group_size, seed=self.seed)
 
     def make_dataset(self, split: str) -> SyntheticVideoDataset:
         return SyntheticVideoDataset(
@@ -180,7 +157,6 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
             with_audio="audio" in self.modalities,
             with_speech="speech" in self.modalities,
             transform=self.transform(train=False),
-            group_size=self.group_size if split == "train" else 1,
         )
 
     def setup(self, stage: str | None = None) -> None:

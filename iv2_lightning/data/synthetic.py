@@ -152,10 +152,6 @@ class ObjectParams:
     radius: float
 
     @property
-    def horizontal(self) -> bool:
-        return self.direction in ("left", "right")
-
-    @property
     def period(self) -> int:
         """The wallpaper's period in pixels (the image side)."""
         return self.step * self.num_frames
@@ -291,27 +287,6 @@ def _sample(rng: random.Random, num_frames: int, image_size: int, max_objects: i
     )
 
 
-def _check_group(group_size: int) -> None:
-    if not 1 <= group_size <= len(DIRECTIONS):
-        raise ValueError(f"group_size must be in 1..{len(DIRECTIONS)}; got {group_size}")
-
-
-def _draw(
-    index: int, split: str, seed: int, num_frames: int, image_size: int, max_objects: int, group_size: int
-) -> tuple[ClipParams, random.Random]:
-    """The clip's parameters and the generator its text is drawn from (see :func:`sample_params`)."""
-    if group_size == 1:
-        rng = random.Random(clip_seed(seed, split, index))
-        # text draws come after the parameter draws, so sample_params stays a cheap prefix
-        return _sample(rng, num_frames, image_size, max_objects), rng
-    group = random.Random(clip_seed(seed, f"{split}/group{group_size}", index // group_size))
-    params = _sample(group, num_frames, image_size, max_objects)
-    direction = group.sample(DIRECTIONS, len(DIRECTIONS))[index % group_size]
-    first = replace(params.objects[0], direction=direction)
-    params = replace(params, objects=(first, *params.objects[1:]))
-    return params, random.Random(clip_seed(seed, f"{split}/text", index))
-
-
 def sample_params(
     index: int,
     split: str = "train",
@@ -319,18 +294,10 @@ def sample_params(
     num_frames: int = 8,
     image_size: int = 64,
     max_objects: int = 1,
-    group_size: int = 1,
 ) -> ClipParams:
-    """The parameters of clip ``index`` of ``split`` (cheap: no rendering).
-
-    With ``group_size`` k > 1, the k consecutive indices ``g*k .. g*k+k-1`` share one scene (drawn
-    from the seed of ``g``) and their first objects move in k different directions (a random order
-    per group); each member draws its own text. Batches of whole groups
-    (:class:`GroupShuffleSampler`) put clips that differ only in direction side by side: negatives
-    that a contrastive loss can only tell apart by the motion."""
+    """The parameters of clip ``index`` of ``split`` (cheap: no rendering)."""
     _check_geometry(num_frames, image_size, max_objects)
-    _check_group(group_size)
-    return _draw(index, split, seed, num_frames, image_size, max_objects, group_size)[0]
+    return _sample(random.Random(clip_seed(seed, split, index)), num_frames, image_size, max_objects)
 
 
 # --------------------------------------------------------------------------- rendering
@@ -666,15 +633,14 @@ def generate_clip(
     fps: float = 8.0,
     max_objects: int = 1,
     with_audio: bool = True,
-    group_size: int = 1,
 ) -> SyntheticClip:
-    """Clip ``index`` of ``split``: identical bytes for the same arguments, in any process
-    (``group_size``: see :func:`sample_params`)."""
+    """Clip ``index`` of ``split``: identical bytes for the same arguments, in any process."""
     if fps <= 0:
         raise ValueError(f"fps must be positive; got {fps}")
     _check_geometry(num_frames, image_size, max_objects)
-    _check_group(group_size)
-    params, rng = _draw(index, split, seed, num_frames, image_size, max_objects, group_size)
+    rng = random.Random(clip_seed(seed, split, index))
+    params = _sample(rng, num_frames, image_size, max_objects)
+    # text draws come after the parameter draws, so sample_params stays a cheap prefix of this
     caption = _caption(params, rng)
     speech = _speech(params, rng)
     audio_caption = _audio_caption(params, rng)
@@ -714,7 +680,7 @@ class SyntheticVideoDataset(Dataset):
     ``VideoTransform(image_size)``, i.e. normalisation only); ``audio``: kaldi fbank of the
     waveform (``compute_fbank``); ``speech``: the ASR-style transcript; ``sample_id``: one id per
     (colour, shape, direction) of the first object; ``meta``: index, split, seed, attributes,
-    audio caption. ``group_size``: see :func:`sample_params`.
+    audio caption.
     """
 
     def __init__(
@@ -729,7 +695,6 @@ class SyntheticVideoDataset(Dataset):
         with_audio: bool = True,
         with_speech: bool = True,
         transform: VideoTransform | None = None,
-        group_size: int = 1,
     ) -> None:
         if not split:
             raise ValueError("split must be a non-empty name such as 'train', 'val' or 'test'")
@@ -738,8 +703,6 @@ class SyntheticVideoDataset(Dataset):
         if fps <= 0:
             raise ValueError(f"fps must be positive; got {fps}")
         _check_geometry(num_frames, image_size, max_objects)
-        _check_group(group_size)
-        self.group_size = group_size
         self.split = split
         self.size = size
         self.num_frames = num_frames
@@ -769,7 +732,6 @@ class SyntheticVideoDataset(Dataset):
             self.fps,
             self.max_objects,
             with_audio=self.with_audio,
-            group_size=self.group_size,
         )
 
     def attributes(self, i: int) -> dict[str, Any]:
@@ -781,7 +743,6 @@ class SyntheticVideoDataset(Dataset):
             self.num_frames,
             self.image_size,
             self.max_objects,
-            self.group_size,
         ).attributes()
 
     def __getitem__(self, i: int) -> VideoSample:
@@ -805,31 +766,6 @@ class SyntheticVideoDataset(Dataset):
                 "source": "synthetic",
             },
         )
-
-
-class GroupShuffleSampler(torch.utils.data.Sampler[int]):
-    """Indices ``0..size-1`` in a random order of whole groups of ``group_size`` consecutive indices
-    (members stay together and in order); a new order every epoch (``set_epoch``, which Lightning
-    calls). With a batch size that is a multiple of ``group_size``, every batch holds whole groups.
-    A trailing partial group is kept. Under DDP Lightning strides this order across ranks, which
-    splits groups: the grouping is a single-process (CPU demo) device."""
-
-    def __init__(self, size: int, group_size: int, seed: int = 0) -> None:
-        if group_size < 1:
-            raise ValueError(f"group_size must be >= 1; got {group_size}")
-        self.size, self.group_size, self.seed, self.epoch = size, group_size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.size
-
-    def __iter__(self):
-        groups = list(range(math.ceil(self.size / self.group_size)))
-        random.Random(clip_seed(self.seed, "group-order", self.epoch)).shuffle(groups)
-        for g in groups:
-            yield from range(g * self.group_size, min((g + 1) * self.group_size, self.size))
 
 
 # --------------------------------------------------------------------------- iv2 synth
@@ -947,7 +883,6 @@ __all__ = [
     "SIZES",
     "SPEECH_TEMPLATES",
     "ClipParams",
-    "GroupShuffleSampler",
     "ObjectParams",
     "SyntheticClip",
     "SyntheticVideoDataset",

@@ -27,7 +27,6 @@ from iv2_lightning.data.synthetic import (
     DIRECTIONS,
     SAMPLE_RATE,
     SHAPES,
-    GroupShuffleSampler,
     SyntheticClip,
     SyntheticVideoDataset,
     _background,
@@ -532,60 +531,3 @@ def test_synth_main_writes_playable_media_and_annotations(tmp_path, capsys):
 def test_synth_main_rejects_odd_image_size(tmp_path):
     with pytest.raises(SystemExit):
         synth_main(["--out", str(tmp_path), "--num-clips", "1", "--image-size", "63"])
-
-
-# --------------------------------------------------------------------------- direction groups
-
-
-def test_group_members_share_the_scene_and_differ_in_direction():
-    for g in range(20):
-        members = [sample_params(4 * g + r, group_size=4) for r in range(4)]
-        objs = [m.objects[0] for m in members]
-        assert sorted(o.direction for o in objs) == sorted(DIRECTIONS)
-        for m in members[1:]:
-            assert replace(m.objects[0], direction="left") == replace(objs[0], direction="left")
-            assert m.background == members[0].background and m.texture_seed == members[0].texture_seed
-        clips = [generate_clip(4 * g + r, group_size=4, with_audio=False) for r in range(4)]
-        assert [c.attributes["direction"] for c in clips] == [o.direction for o in objs]
-        assert all(attributes_from_text(c.caption)["direction"] == c.attributes["direction"] for c in clips)
-    # pairs of a two-member group differ too, and every direction appears as a first member
-    firsts = {sample_params(2 * g, group_size=2).objects[0].direction for g in range(40)}
-    assert firsts == set(DIRECTIONS)
-    with pytest.raises(ValueError, match=r"group_size must be in 1\.\.4; got 5"):
-        sample_params(0, group_size=5)
-
-
-def test_group_shuffle_sampler_keeps_groups_whole_and_reshuffles_per_epoch():
-    sampler = GroupShuffleSampler(size=22, group_size=4, seed=3)
-    first = list(sampler)
-    assert sorted(first) == list(range(22)) and len(sampler) == 22
-    starts = [i for i, x in enumerate(first) if x % 4 == 0]
-    for i in starts:  # each group's members follow each other in order (the last group has 2)
-        run = first[i : i + min(4, 22 - first[i])]
-        assert run == list(range(first[i], first[i] + len(run)))
-    assert list(sampler) == first  # same epoch, same order
-    sampler.set_epoch(1)
-    assert list(sampler) != first and sorted(sampler) == list(range(22))
-
-
-def test_datamodule_batches_hold_whole_groups():
-    from iv2_lightning.data.datamodules import SyntheticVideoDataModule
-
-    dm = SyntheticVideoDataModule(
-        num_frames=8,
-        image_size=32,
-        batch_size=8,
-        train_size=32,
-        val_size=8,
-        test_size=0,
-        group_size=4,
-        modalities=["caption", "label"],
-    )
-    dm.setup("fit")
-    for batch in dm.train_dataloader():
-        colors = [m["attributes"]["color"] for m in batch.meta]
-        assert colors[:4] == [colors[0]] * 4 and colors[4:] == [colors[4]] * 4
-        assert sorted(batch.label[:4].tolist()) == [0, 1, 2, 3]
-    assert dm.datasets["val"].group_size == 1  # held-out clips stay independent
-    with pytest.raises(ValueError, match="batch_size 6 must be a multiple of group_size 4"):
-        SyntheticVideoDataModule(batch_size=6, group_size=4)
