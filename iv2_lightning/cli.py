@@ -7,7 +7,7 @@
   ``tokenizer`` are linked into the model; TensorBoard logger, Rich progress bar, seed 0 by default);
 * ``curriculum``: stage 1 → 2 → 3 → action probe, each a ``fit`` in its own folder
   (:mod:`iv2_lightning.curriculum`);
-* tool commands (presets, synth, prepare, segment): plain argparse programs that live next to the
+* tool commands (presets, synth, prepare, segment, convert): plain argparse programs that live next to the
   code they drive and are imported only when run, so ``iv2 --help`` stays fast.
 """
 
@@ -47,6 +47,10 @@ TOOLS: dict[str, tuple[str, str]] = {
     "segment": (
         "iv2_lightning.data.tools:segment_main",
         "split long videos into scene clips (annotation rows)",
+    ),
+    "convert": (
+        "iv2_lightning.models.convert:convert_main",
+        "official InternVideo2 checkpoint -> iv2 weights for init_from (--verify checks parity)",
     ),
 }
 

@@ -17,6 +17,7 @@ from iv2_lightning.models.backbone import (
     count_parameters,
     preset_config,
 )
+from iv2_lightning.models.convert import ConversionReport, load_official
 from iv2_lightning.models.fusion import CrossModalFusion, FusionOutput
 from iv2_lightning.models.heads import (
     CausalDecoder,
@@ -65,6 +66,7 @@ __all__ = [
     "ByteTokenizer",
     "CausalDecoder",
     "ClassificationHead",
+    "ConversionReport",
     "CosineDistillLoss",
     "CrossAttention",
     "CrossModalFusion",
@@ -100,6 +102,7 @@ __all__ = [
     "gather_no_grad",
     "gather_with_grad",
     "interpolate_pos_embed_3d",
+    "load_official",
     "make_mask",
     "masked_mean",
     "next_token_loss",

@@ -37,6 +37,7 @@ from iv2_lightning.models.layers import (
     DropPath,
     LayerScale,
     Mlp,
+    MlpAct,
     NormKind,
     make_norm,
     masked_mean,
@@ -131,6 +132,7 @@ class DividedBlock(nn.Module):
         layerscale_init: float | None = 1e-5,
         drop_path: float = 0.0,
         backend: Backend = "auto",
+        mlp_act: MlpAct = "gelu",
     ) -> None:
         super().__init__()
 
@@ -150,7 +152,7 @@ class DividedBlock(nn.Module):
         self.norm_t, self.attn_t, self.ls_t = make_norm(norm, dim), attn(), scale()
         self.norm1, self.attn, self.ls1 = make_norm(norm, dim), attn(), scale()
         self.norm2, self.ls2 = make_norm(norm, dim), scale()
-        self.mlp = Mlp(dim, mlp_dim)
+        self.mlp = Mlp(dim, mlp_dim, act=mlp_act)
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x: torch.Tensor, layout: _Layout) -> torch.Tensor:
@@ -231,7 +233,9 @@ class VideoEncoder(nn.Module):
     """Video ``[B, 3, T, H, W]`` (+ optional drop mask ``[B, N]``) → :class:`VideoEncoderOutput`.
 
     Build one from a preset with :func:`build_video_encoder`; every argument here is a typed
-    constructor argument so configs can set it.
+    constructor argument so configs can set it. ``mlp_act="gelu_tanh"`` uses the tanh-approximate
+    GELU of flash-attn's ``FusedMLP``, the activation the official models were pre-trained with on
+    their fused fast path; the default exact GELU is their plain-PyTorch path.
     """
 
     def __init__(
@@ -258,6 +262,7 @@ class VideoEncoder(nn.Module):
         grad_checkpointing: bool | int = False,
         frame_wise: bool = False,
         backend: Backend = "auto",
+        mlp_act: MlpAct = "gelu",
     ) -> None:
         super().__init__()
         if attention not in ("joint", "divided"):
@@ -300,6 +305,7 @@ class VideoEncoder(nn.Module):
                 layerscale_init=layerscale_init,
                 drop_path=dpr[i],
                 backend=backend,
+                mlp_act=mlp_act,
             )
             for i in range(depth)
         )

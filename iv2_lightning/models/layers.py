@@ -16,6 +16,9 @@ from torch import nn
 from iv2_lightning.models.attention import Attention, Backend, attention
 
 NormKind = Literal["rmsnorm", "layernorm"]
+#: MLP activation: exact GELU, or its tanh approximation (flash-attn's ``FusedMLP`` default, which the
+#: official InternVideo2 models were pre-trained with when ``use_fused_mlp=True``).
+MlpAct = Literal["gelu", "gelu_tanh"]
 
 
 def make_norm(kind: NormKind, dim: int, eps: float | None = None) -> nn.Module:
@@ -28,10 +31,19 @@ def make_norm(kind: NormKind, dim: int, eps: float | None = None) -> nn.Module:
 
 
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden_dim: int, out_dim: int | None = None, drop: float = 0.0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        out_dim: int | None = None,
+        drop: float = 0.0,
+        act: MlpAct = "gelu",
+    ) -> None:
         super().__init__()
+        if act not in ("gelu", "gelu_tanh"):
+            raise ValueError(f"mlp activation must be 'gelu' or 'gelu_tanh'; got {act!r}")
         self.fc1 = nn.Linear(dim, hidden_dim)
-        self.act = nn.GELU()
+        self.act = nn.GELU(approximate="tanh" if act == "gelu_tanh" else "none")
         self.fc2 = nn.Linear(hidden_dim, out_dim or dim)
         self.drop = nn.Dropout(drop)
 
@@ -84,6 +96,7 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         proj_drop: float = 0.0,
         backend: Backend = "auto",
+        mlp_act: MlpAct = "gelu",
     ) -> None:
         super().__init__()
         self.norm1 = make_norm(norm, dim)
@@ -100,7 +113,7 @@ class Block(nn.Module):
         self.ls1 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
         self.drop_path = DropPath(drop_path)
         self.norm2 = make_norm(norm, dim)
-        self.mlp = Mlp(dim, mlp_dim, drop=proj_drop)
+        self.mlp = Mlp(dim, mlp_dim, drop=proj_drop, act=mlp_act)
         self.ls2 = LayerScale(dim, layerscale_init) if layerscale_init else nn.Identity()
 
     def forward(
