@@ -7,7 +7,7 @@
   ``tokenizer`` are linked into the model; TensorBoard logger, Rich progress bar, seed 0 by default);
 * ``curriculum``: stage 1 → 2 → 3 → action probe, each a ``fit`` in its own folder
   (:mod:`iv2_lightning.curriculum`);
-* tool commands (presets, synth, prepare, segment, convert): plain argparse programs that live next to the
+* tool commands (presets, synth, prepare, segment, estimate, export, convert): plain argparse programs that live next to the
   code they drive and are imported only when run, so ``iv2 --help`` stays fast.
 """
 
@@ -47,6 +47,14 @@ TOOLS: dict[str, tuple[str, str]] = {
     "segment": (
         "iv2_lightning.data.tools:segment_main",
         "split long videos into scene clips (annotation rows)",
+    ),
+    "estimate": (
+        "iv2_lightning.estimate:estimate_main",
+        "per-GPU memory of a config under DDP / DeepSpeed ZeRO 0-3 (+offload)",
+    ),
+    "export": (
+        "iv2_lightning.export:export_main",
+        "Lightning .ckpt or DeepSpeed ZeRO folder -> fp32 shared weights for init_from",
     ),
     "convert": (
         "iv2_lightning.models.convert:convert_main",

@@ -99,7 +99,9 @@ class InfoNCELoss(nn.Module):
         self.temperature_range = (float(lo), float(hi))
         self.gather_distributed = gather_distributed
         self.learnable = learnable
-        t = torch.tensor(float(temperature))
+        # shape [1], not a 0-d tensor: DeepSpeed (0.19) broadcasts every parameter at start-up as
+        # `p.data.view(torch.uint8)`, which a 0-d tensor cannot do
+        t = torch.tensor([float(temperature)])
         if learnable:
             self.temp = nn.Parameter(t)
         else:
@@ -107,8 +109,15 @@ class InfoNCELoss(nn.Module):
 
     @property
     def temperature(self) -> torch.Tensor:
-        """The temperature used in forward: the raw value clamped to ``temperature_range``."""
-        return self.temp.clamp(*self.temperature_range)
+        """The temperature used in forward (a 0-d tensor): the raw value clamped to ``temperature_range``."""
+        return self.temp.clamp(*self.temperature_range).reshape(())
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        # checkpoints written before the temperature had shape [1] hold a 0-d tensor
+        key = prefix + "temp"
+        if isinstance(state_dict.get(key), torch.Tensor) and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self, a: torch.Tensor, b: torch.Tensor, sample_ids: torch.Tensor | None = None

@@ -17,9 +17,11 @@ bookkeeping, small subclasses that override ``build``-time modules and ``compute
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import typing
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,6 +50,35 @@ _NO_DECAY_NAMES = (
     "temp",
     "gamma",
 )
+
+
+def deepspeed_zero_stage(strategy: Any) -> int | None:
+    """The ZeRO stage of a DeepSpeed strategy (read from its config dict), None for any other strategy."""
+    config = getattr(strategy, "config", None)
+    zero = config.get("zero_optimization") if isinstance(config, dict) else None
+    return int(zero.get("stage", 0)) if isinstance(zero, dict) else None
+
+
+def zero3_blockers(model: nn.Module) -> list[str]:
+    """Submodules that DeepSpeed ZeRO-3 cannot train: they own parameters directly and their
+    ``forward`` returns a dataclass.
+
+    ZeRO-3 gathers a module's partitioned parameters again for the backward pass from hooks on the
+    tensors the module returns, and it finds tensors only in tensors, tuples, lists and dicts: the
+    parameters of such a module stay empty in the backward pass, which then fails
+    ("The size of tensor a (0) must match the size of tensor b ...")."""
+    found = []
+    for name, module in model.named_modules():
+        own = [n for n, _ in module.named_parameters(recurse=False)]
+        if not name or not own:
+            continue
+        try:
+            returns = typing.get_type_hints(type(module).forward).get("return")
+        except Exception:  # unresolvable annotations: nothing known
+            continue
+        if isinstance(returns, type) and dataclasses.is_dataclass(returns):
+            found.append(f"{name} ({type(module).__name__} owns {own} and returns {returns.__name__})")
+    return found
 
 
 class BaseStage(L.LightningModule):
@@ -173,6 +204,21 @@ class BaseStage(L.LightningModule):
             if params and not any(p.requires_grad for p in params):
                 out.append(name)
         return out
+
+    def setup(self, stage: str) -> None:
+        zero = deepspeed_zero_stage(self._trainer.strategy) if self._trainer is not None else None
+        if zero == 3:
+            blockers = zero3_blockers(self)
+            if blockers:
+                raise RuntimeError(
+                    f"DeepSpeed ZeRO stage 3 cannot train {type(self).__name__}: "
+                    + "; ".join(blockers)
+                    + ". ZeRO-3 gathers a module's parameters for the backward pass through hooks on the "
+                    "tensors the module returns and cannot look inside a dataclass, so the backward pass "
+                    "would fail. Use configs/strategy/deepspeed_zero2.yaml or deepspeed_zero1.yaml (the "
+                    "official InternVideo2 recipe trains 1B and 6B with ZeRO-1); `iv2 estimate` prints "
+                    "the memory each needs."
+                )
 
     def on_train_epoch_start(self) -> None:
         for name in self.frozen_modules():
