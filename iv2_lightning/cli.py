@@ -7,7 +7,8 @@
   ``tokenizer`` are linked into the model; TensorBoard logger, Rich progress bar, seed 0 by default);
 * ``curriculum``: stage 1 → 2 → 3 → action probe, each a ``fit`` in its own folder
   (:mod:`iv2_lightning.curriculum`);
-* tool commands (presets, synth, prepare, segment, estimate, export, convert): plain argparse programs that live next to the
+* tool commands (presets, synth, prepare, segment, embed, search, caption, chat,
+  estimate, export, convert): plain argparse programs that live next to the
   code they drive and are imported only when run, so ``iv2 --help`` stays fast.
 """
 
@@ -47,6 +48,19 @@ TOOLS: dict[str, tuple[str, str]] = {
     "segment": (
         "iv2_lightning.data.tools:segment_main",
         "split long videos into scene clips (annotation rows)",
+    ),
+    "embed": (
+        "iv2_lightning.use:embed_main",
+        "clip embeddings of videos with a stage-2 checkpoint (resumable)",
+    ),
+    "search": (
+        "iv2_lightning.use:search_main",
+        "top-k videos of an `iv2 embed` index for a text or a video",
+    ),
+    "caption": ("iv2_lightning.use:caption_main", "caption videos with a stage-3 checkpoint"),
+    "chat": (
+        "iv2_lightning.use:chat_main",
+        "talk about a video with a stage-3 checkpoint (multi-turn)",
     ),
     "estimate": (
         "iv2_lightning.estimate:estimate_main",

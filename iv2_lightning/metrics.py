@@ -7,6 +7,8 @@
 * :func:`dual_softmax`: the official evaluation's ``_dsl`` rescoring,
   ``sim * softmax(sim, dim=0)`` (dual softmax loss inference, Cheng et al. 2021, "Improving
   Video-Text Retrieval by Multi-Stream Corpus Alignment and Dual Softmax Loss").
+* :func:`rerank_top_k`: the official evaluation's ``_match`` scores: each query's top ``k``
+  candidates rescored by another model (the matching head), ranked above all the others.
 * :func:`zero_shot_accuracy`: CLIP-style zero-shot classification against class embeddings (the
   mean of the prompt embeddings of each class, Radford et al. 2021).
 
@@ -29,6 +31,8 @@ the worst possible result.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -36,6 +40,7 @@ __all__ = [
     "dual_softmax",
     "expected_ranks",
     "positives_from_ids",
+    "rerank_top_k",
     "retrieval_metrics",
     "zero_shot_accuracy",
 ]
@@ -136,6 +141,38 @@ def dual_softmax(sim: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     sim = sim.float()
     return sim * (sim / temperature).softmax(dim=0)
+
+
+def rerank_top_k(
+    sim: torch.Tensor, k: int, rescore: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """``[Nq, Nc]`` scores after re-ranking each query's ``k`` best candidates by ``rescore``.
+
+    ``rescore(rows, cols)`` gets two ``[n]`` index tensors (query ``rows[i]`` with candidate
+    ``cols[i]``) and returns ``[n]`` new scores (the official ``_match``: the matching head's
+    "match" logit of the fused pair, for the top 128 by cosine). The top ``k`` of each row rank
+    above every other candidate of the row, in the order of their new scores; the others keep their
+    order by ``sim`` below them (the official code gives them all -100, a tie that the tie rule of
+    this module would rank at its average: keeping the cosine order only makes ranks past ``k``
+    meaningful, R@n for n <= k is the same). A tie in ``sim`` at the k-th place is broken by
+    ``torch.topk``.
+    """
+    if sim.dim() != 2:
+        raise ValueError(f"sim must be [Nq, Nc]; got shape {tuple(sim.shape)}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1; got {k}")
+    nq, nc = sim.shape
+    k = min(k, nc)
+    sim = sim.float()
+    top = sim.topk(k, dim=1).indices  # [Nq, k]
+    rows = torch.arange(nq, device=sim.device).repeat_interleave(k)
+    new = rescore(rows, top.reshape(-1)).float()
+    if new.shape != (nq * k,) or not bool(torch.isfinite(new).all()):
+        raise ValueError("rerank_top_k: rescore must return one finite score per (row, col) pair")
+    new = new.reshape(nq, k)
+    floor = new.min() - 1.0 - (sim.max() - sim.min())
+    out = sim - sim.max() + floor  # every candidate now scores at most floor < every new score
+    return out.scatter(1, top, new)
 
 
 def zero_shot_accuracy(video_emb: torch.Tensor, class_text_emb: torch.Tensor, labels: torch.Tensor) -> float:

@@ -27,8 +27,18 @@ What this stage follows from the official stage-2 recipe (OpenGVLab/InternVideo,
 * Evaluation as the official zero-shot retrieval: cosine scores (``_emb``) and dual-softmax
   rescoring (``_dsl``, ``sim * softmax(sim, dim=0)``), R@1/5/10 and median rank in both directions
   (:mod:`iv2_lightning.metrics`; a hit is any candidate with the query's sample id), plus CLIP-style
-  zero-shot classification from text prompts. The official ``_match`` re-ranking of the top 128 by
-  the matching head is not done here.
+  zero-shot classification from text prompts (``zeroshot_prompts``, or ``zeroshot_classes`` x
+  ``prompt_templates``). With ``rerank_k > 0`` also the official ``_match`` scores: each query's
+  top ``rerank_k`` candidates by cosine re-ranked by the matching head (``_match`` keys;
+  :func:`~iv2_lightning.metrics.rerank_top_k`).
+* Clips longer than the encoder's training frames are cut into windows of that many frames (as
+  :class:`~iv2_lightning.models.temporal.HierarchicalTemporalEncoder` splits them); each window goes
+  through the encoder on its own and the clip embedding is the normalised mean of the normalised
+  window embeddings (no stage trains the HTE's temporal transformer, so its own ``embedding``
+  would be untrained); ``encode_video_windows`` returns the window embeddings too.
+* Evaluation pictures in TensorBoard (``visual_clips`` clips of the first batch of every
+  validation/test epoch, rank 0): the text-video similarity heat map, top-k retrieval strips, the
+  attention pool's weights over frames and the fusion gates (:mod:`iv2_lightning.visualize`).
 
 Distributed training: contrastive terms gather every rank's rows (``gather_distributed``) and
 mask the rows whose modality is absent, so ranks with different modality counts stay in step; a
@@ -49,15 +59,33 @@ import torch.nn.functional as F
 from torch import nn
 
 from iv2_lightning.data.batch import VideoBatch
-from iv2_lightning.metrics import dual_softmax, positives_from_ids, retrieval_metrics, zero_shot_accuracy
+from iv2_lightning.metrics import (
+    dual_softmax,
+    positives_from_ids,
+    rerank_top_k,
+    retrieval_metrics,
+    zero_shot_accuracy,
+)
 from iv2_lightning.models.fusion import CrossModalFusion, FusionOutput
 from iv2_lightning.models.heads import MatchingHead, ProjectionHead, sample_hard_negatives
 from iv2_lightning.models.layers import masked_mean
 from iv2_lightning.models.losses import InfoNCELoss, MatchingLoss, gather_no_grad, gather_with_grad
 from iv2_lightning.models.masking import random_mask
+from iv2_lightning.models.temporal import HierarchicalTemporalEncoder
 from iv2_lightning.stages.base import BaseStage
 
 AUDIO_TERMS = ("atc", "vac", "avtc")
+#: evaluation settings of ContrastiveStage, kept out of its saved hyperparameters (class docstring)
+EVAL_ARGUMENTS = ("zeroshot_classes", "prompt_templates", "rerank_k", "visual_clips")
+#: what the evaluation keeps for the matching head's re-ranking (``rerank_k``), padded at epoch end
+_MATCH_TOKEN_KEYS = (
+    "video_tokens",
+    "video_token_mask",
+    "text_tokens",
+    "text_mask",
+    "audio_tokens",
+    "audio_mask",
+)
 #: logged keys whose presence is decided the same way on every rank (see _eval_step)
 _SYNCED_KEYS = ("loss", "temperature", "vtc", "atc", "avtc", "vac", "vsc")
 MLM_PROBABILITY = 0.5  # the official stage-2 masking probability (BERT's is 0.15)
@@ -161,6 +189,17 @@ class ContrastiveStage(BaseStage):
     ``vtc, atc, vac, vsc, avtc, vtm, mlm``: loss weights (0 switches a term and its modules off).
     ``zeroshot_prompts``: class name → prompts for zero-shot classification (class index = position
     in ``label_names``, default the dict order); None = the synthetic data's direction prompts.
+
+    Evaluation settings (:data:`EVAL_ARGUMENTS`; checkpoints do not record them, so an evaluation
+    config sets them even on ``iv2 test --ckpt_path``, where LightningCLI replaces the config's model
+    arguments by the ones the checkpoint recorded):
+    ``zeroshot_classes``: class names in label order for zero-shot classification, each put into
+    every template of ``prompt_templates`` (``{}`` marks the name; default ``["{}"]``, the bare
+    name); they replace ``zeroshot_prompts`` and ``label_names``.
+    ``rerank_k``: in validation/test also score retrieval with the matching head over each query's
+    top ``rerank_k`` candidates (the official ``_match``, which uses 128; needs ``vtm > 0``).
+    ``visual_clips``: how many clips of the first evaluation batch the TensorBoard pictures show
+    (0: none).
     """
 
     stage_name = "stage2"
@@ -185,9 +224,16 @@ class ContrastiveStage(BaseStage):
         gather_distributed: bool = True,
         zeroshot_prompts: dict[str, list[str]] | None = None,
         label_names: list[str] | None = None,
+        zeroshot_classes: list[str] | None = None,
+        prompt_templates: list[str] | None = None,
+        rerank_k: int = 0,
+        visual_clips: int = 16,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for key in EVAL_ARGUMENTS:  # see the class docstring
+            self.hparams.pop(key, None)
+            getattr(self, "_hparams_initial", {}).pop(key, None)
         self.loss_weights = {
             "vtc": vtc,
             "atc": atc,
@@ -206,6 +252,12 @@ class ContrastiveStage(BaseStage):
             raise ValueError(f"video_mask_ratio must be in [0, 1); got {video_mask_ratio}")
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1; got {embed_dim}")
+        if rerank_k < 0 or visual_clips < 0:
+            raise ValueError(f"rerank_k and visual_clips must be >= 0; got {rerank_k}, {visual_clips}")
+        if rerank_k > 0 and vtm <= 0:
+            raise ValueError("rerank_k > 0 re-ranks with the matching head, which needs vtm > 0")
+        self.rerank_k = rerank_k
+        self.visual_clips = visual_clips
         self.embed_dim = embed_dim
         self.video_mask_ratio = video_mask_ratio
         self.gather_distributed = gather_distributed
@@ -251,6 +303,17 @@ class ContrastiveStage(BaseStage):
             )
 
         prompts = zeroshot_prompts
+        if zeroshot_classes is not None:
+            templates = list(prompt_templates or ["{}"])
+            if not zeroshot_classes or any("{}" not in t for t in templates):
+                raise ValueError(
+                    "zeroshot_classes needs at least one class and prompt_templates that each hold '{}' for "
+                    f"the class name; got {zeroshot_classes}, {templates}"
+                )
+            prompts = {c: [t.replace("{}", c) for t in templates] for c in zeroshot_classes}
+            label_names = list(zeroshot_classes)
+        elif prompt_templates is not None:
+            raise ValueError("prompt_templates needs zeroshot_classes (the class names to put into them)")
         if prompts is None:
             from iv2_lightning.data.synthetic import direction_prompts
 
@@ -265,6 +328,8 @@ class ContrastiveStage(BaseStage):
         self.zeroshot_prompts = {n: list(prompts[n]) for n in names}
         self._prompt_tokens = None
         self._eval_store: list[dict[str, torch.Tensor]] = []
+        self._visuals: dict[str, Any] | None = None
+        self._splitters: dict[int, HierarchicalTemporalEncoder] = {}
         self.finish_init()
 
     # -- encoders ------------------------------------------------------------------------------
@@ -279,10 +344,70 @@ class ContrastiveStage(BaseStage):
     def _text_feature(self, out) -> torch.Tensor:
         return out.cls if self.text_pooling == "cls" else masked_mean(out.tokens, out.mask)
 
-    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
-        """``video [B, 3, T, H, W]`` → L2-normalised ``[B, embed_dim]`` (never masked)."""
+    def encode_video(self, video: torch.Tensor, window: int | None = None) -> torch.Tensor:
+        """``video [B, 3, T, H, W]`` → L2-normalised ``[B, embed_dim]`` (never masked). A clip longer
+        than ``window`` frames (default: the encoder's training frames) goes through windows
+        (:meth:`encode_video_windows`)."""
+        if video.shape[2] > (window or self.video_encoder.num_frames):
+            return self.encode_video_windows(video, window)[0]
         out = self.video_encoder(video)
         return F.normalize(self.video_proj(out.pooled).float(), dim=-1)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep the video encoder at the frame count its weights were trained with.
+
+        The CLI links the data's ``num_frames`` into the stage, so evaluating longer clips (``iv2
+        test --ckpt_path ... --data.init_args.num_frames 32``) would build a longer encoder whose
+        position table no longer fits the checkpoint. The encoder is rebuilt with the checkpoint's
+        frame count instead: longer clips then go through windows of it (:meth:`_windowed`),
+        shorter ones through interpolated positions. Other shape mismatches are left to the load.
+        """
+        saved = (checkpoint.get("state_dict") or {}).get("video_encoder.pos_embed")
+        enc = self.video_encoder
+        if saved is None or saved.shape == enc.pos_embed.shape or saved.dim() != 3:
+            return
+        per_frame = enc.grid_size[1] * enc.grid_size[2]
+        tokens = saved.shape[1] - enc.num_prefix
+        if tokens <= 0 or tokens % per_frame or saved.shape[2] != enc.embed_dim:
+            return
+        self.encoder_config = {**self.encoder_config, "num_frames": tokens // per_frame * enc.tubelet_size}
+        self.video_encoder = self.build_video_encoder().to(enc.pos_embed.device)
+        self._splitters.clear()
+        if self.freeze_names:
+            self.freeze_parameters(self.freeze_names)
+
+    def _window_splitter(self, window: int) -> HierarchicalTemporalEncoder:
+        # kept in a plain dict, outside the module tree (no parameters of its own in our state_dict);
+        # only its window split is used, so its untrained layers are built on the meta device
+        if window not in self._splitters:
+            with torch.device("meta"):
+                self._splitters[window] = HierarchicalTemporalEncoder(
+                    self.video_encoder, window=window, tokens_per_window=1, depth=0
+                )
+        return self._splitters[window]
+
+    def _windowed(
+        self, video: torch.Tensor, window: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Windows of ``window`` frames (the HTE's split: the tail padded with the last frame) through
+        the encoder (token-masked in training, as whole clips are): (window embeddings ``[B, W, E]``
+        normalised, ``window_mask [B, W]``, tokens ``[B, W * L, D]``, token mask ``[B, W * L]``)."""
+        splitter = self._window_splitter(window or self.video_encoder.num_frames)
+        windows, window_mask = splitter.split_windows(video)
+        b, w = window_mask.shape
+        out = self.video_encoder(windows, self._video_mask(windows))
+        emb = F.normalize(self.video_proj(out.pooled).float(), dim=-1).reshape(b, w, -1)
+        tokens = out.tokens.reshape(b, w * out.tokens.shape[1], -1)
+        return emb, window_mask, tokens, window_mask.repeat_interleave(out.tokens.shape[1], dim=1)
+
+    def encode_video_windows(
+        self, video: torch.Tensor, window: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(clip ``[B, E]``, windows ``[B, W, E]``, ``window_mask [B, W]``): the L2-normalised
+        embedding of every window of ``window`` frames (default: the encoder's training frames) and
+        the normalised mean of a clip's windows. ``T`` need not be a multiple of ``window``."""
+        emb, window_mask, _, _ = self._windowed(video, window)
+        return F.normalize(masked_mean(emb, window_mask), dim=-1), emb, window_mask
 
     def encode_text(
         self,
@@ -333,13 +458,14 @@ class ContrastiveStage(BaseStage):
 
     def _features(self, batch: VideoBatch) -> _Features:
         b = len(batch)
-        out = self.video_encoder(batch.video, self._video_mask(batch.video))
-        video = _Side(
-            present=batch.present("video"),
-            emb=self.video_proj(out.pooled),
-            tokens=out.tokens,
-            mask=torch.ones(out.tokens.shape[:2], dtype=torch.bool, device=out.tokens.device),
-        )
+        if batch.video.shape[2] > self.video_encoder.num_frames:
+            windows, window_mask, tokens, token_mask = self._windowed(batch.video)
+            emb = masked_mean(windows, window_mask)
+        else:
+            out = self.video_encoder(batch.video, self._video_mask(batch.video))
+            emb, tokens = self.video_proj(out.pooled), out.tokens
+            token_mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        video = _Side(present=batch.present("video"), emb=emb, tokens=tokens, mask=token_mask)
         caption = self._text_side(batch.caption_ids, batch.caption_mask, batch.present("caption"), 0)
         speech = None
         if self.loss_weights["vsc"] > 0:
@@ -498,10 +624,10 @@ class ContrastiveStage(BaseStage):
     # -- evaluation ----------------------------------------------------------------------------
 
     def validation_step(self, batch: VideoBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+        self._eval_step(batch, "val", batch_idx)
 
     def test_step(self, batch: VideoBatch, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+        self._eval_step(batch, "test", batch_idx)
 
     def on_validation_epoch_start(self) -> None:
         self._eval_store = []
@@ -515,7 +641,7 @@ class ContrastiveStage(BaseStage):
     def on_test_epoch_end(self) -> None:
         self._eval_epoch_end("test")
 
-    def _eval_step(self, batch: VideoBatch, prefix: str) -> None:
+    def _eval_step(self, batch: VideoBatch, prefix: str, batch_idx: int = 0) -> None:
         f = self._features(batch)
         out = self._losses(f, batch)
         for k, v in out.items():
@@ -531,21 +657,90 @@ class ContrastiveStage(BaseStage):
             )
         b = len(batch)
         cap = f.caption
-        self._eval_store.append(
-            {
-                "video": F.normalize(f.video.emb.detach().float(), dim=-1),
-                "text": F.normalize(cap.emb.detach().float(), dim=-1)
-                if cap is not None
-                else f.video.emb.new_zeros(b, self.embed_dim),
-                "text_present": cap.present
-                if cap is not None
-                else torch.zeros(b, dtype=torch.bool, device=self.device),
-                "sample_id": batch.sample_id,
-                "label": batch.label
-                if batch.label is not None
-                else torch.full((b,), -100, dtype=torch.long, device=self.device),
-            }
-        )
+        entry = {
+            "video": F.normalize(f.video.emb.detach().float(), dim=-1),
+            "text": F.normalize(cap.emb.detach().float(), dim=-1)
+            if cap is not None
+            else f.video.emb.new_zeros(b, self.embed_dim),
+            "text_present": cap.present
+            if cap is not None
+            else torch.zeros(b, dtype=torch.bool, device=self.device),
+            "sample_id": batch.sample_id,
+            "label": batch.label
+            if batch.label is not None
+            else torch.full((b,), -100, dtype=torch.long, device=self.device),
+        }
+        if self.rerank_k > 0:
+            entry.update(self._match_tokens(f, b))  # the matching head re-ranks at epoch end
+        self._eval_store.append(entry)
+        if batch_idx == 0 and self._wants_pictures():
+            self._visuals = self._picture_record(batch, f, out, entry)
+
+    def _match_tokens(self, f: _Features, b: int) -> dict[str, torch.Tensor]:
+        """The tokens the matching head fuses, for every row (an absent modality: one masked token);
+        :meth:`_eval_epoch_end` pads them to one length."""
+
+        def side(x: _Side | None, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if x is None:
+                return f.video.tokens.new_zeros(b, 1, dim), torch.zeros(
+                    b, 1, dtype=torch.bool, device=self.device
+                )
+            return x.tokens.detach(), x.mask & x.present[:, None]
+
+        out = {"video_tokens": f.video.tokens.detach(), "video_token_mask": f.video.mask}
+        out["text_tokens"], out["text_mask"] = side(f.caption, self.text_encoder.dim)
+        if self.audio_encoder is not None and "audio" in self.fusion.input_dims:
+            out["audio_tokens"], out["audio_mask"] = side(f.audio, self.audio_encoder.dim)
+        return out
+
+    def _wants_pictures(self) -> bool:
+        if self.visual_clips <= 0 or self._trainer is None:
+            return False
+        trainer = self.trainer
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return False
+        return any(hasattr(getattr(lg, "experiment", None), "add_image") for lg in self.loggers)
+
+    @torch.no_grad()
+    def _picture_record(
+        self, batch: VideoBatch, f: _Features, out: dict[str, torch.Tensor], entry: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """What the evaluation pictures need from the first batch (on the CPU)."""
+        n = min(self.visual_clips, len(batch))
+        record: dict[str, Any] = {
+            "video": batch.video[:n].detach().float().cpu(),
+            "video_emb": entry["video"][:n].cpu(),
+            "text_emb": entry["text"][:n].cpu(),
+            "text_present": entry["text_present"][:n].cpu(),
+            "sample_id": batch.sample_id[:n].cpu(),
+            "captions": list(batch.captions[:n]),
+            "gates": {k[len("gate_") :]: float(v) for k, v in out.items() if k.startswith("gate_")},
+            "attention": None,
+            "tubelet": self.video_encoder.tubelet_size,
+        }
+        enc = self.video_encoder
+        grid = enc.patch_embed.grid(tuple(batch.video.shape))
+        tokens = f.video.tokens[:n]
+        if enc.clip_projector is not None and tokens.shape[1] == enc.num_prefix + grid[0] * grid[1] * grid[2]:
+            weights = enc.clip_projector.attention_weights(tokens)[:, enc.num_prefix :]
+            record["attention"] = weights.reshape(n, *grid).float().cpu()
+        return record
+
+    def _log_pictures(self, prefix: str) -> None:
+        from iv2_lightning.visualize import contrastive_pictures
+
+        record, self._visuals = self._visuals, None
+        if record is None:
+            return
+        images, text = contrastive_pictures(record)
+        for lg in self.loggers:
+            writer = getattr(lg, "experiment", None)
+            if not hasattr(writer, "add_image"):
+                continue
+            for tag, image in images.items():
+                writer.add_image(f"{prefix}/{tag}", image, self.global_step)
+            if text and hasattr(writer, "add_text"):
+                writer.add_text(f"{prefix}/retrieval_queries", text, self.global_step)
 
     def _gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate ``x [n, ...]`` over ranks (ranks may hold different ``n``)."""
@@ -563,6 +758,15 @@ class ContrastiveStage(BaseStage):
         store, self._eval_store = self._eval_store, []
         if not store:
             return
+        for key in _MATCH_TOKEN_KEYS:
+            if key in store[0]:  # token counts differ between batches (and ranks): pad to the longest
+                width = max(s[key].shape[1] for s in store)
+                if self._trainer is not None and self.trainer.world_size > 1:
+                    width = int(self.all_gather(torch.tensor(width, device=self.device)).max())
+                for s in store:
+                    padded = s[key].new_zeros((s[key].shape[0], width, *s[key].shape[2:]))
+                    padded[:, : s[key].shape[1]] = s[key]
+                    s[key] = padded
         cat = {k: torch.cat([s[k] for s in store]) for k in store[0]}
         cat = {k: self._gather_rows(v) for k, v in cat.items()}
         metrics = self.retrieval_scores(cat["video"], cat["text"], cat["sample_id"], cat["text_present"])
@@ -571,9 +775,48 @@ class ContrastiveStage(BaseStage):
             with torch.no_grad():
                 classes = self.class_text_embeddings()
             metrics["zs_acc"] = zero_shot_accuracy(cat["video"][labelled], classes, cat["label"][labelled])
+        if self.rerank_k > 0 and "video_tokens" in cat:
+            metrics.update(self.match_scores(cat))
         for k, v in metrics.items():
             # identical on every rank (computed from the gathered embeddings): syncing is a no-op
             self.log(f"{prefix}/{k}", float(v), on_step=False, on_epoch=True, sync_dist=True)
+        self._log_pictures(prefix)
+
+    @torch.no_grad()
+    def match_scores(self, cat: dict[str, torch.Tensor], chunk: int = 256) -> dict[str, float]:
+        """The official ``_match`` evaluation: T2V and V2T R@1/5/10, median and mean rank after the
+        matching head re-ranks each query's top ``rerank_k`` candidates by cosine (its "match"
+        logit of the fused pair: the video's tokens, with its audio's when the clips have audio, as
+        VTM trained it, and the caption's). ``cat`` holds the epoch's ``video``/``text`` embeddings,
+        ``sample_id``, ``text_present`` and the stored tokens; keys end in ``_match``."""
+        rows = cat["text_present"].nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return {}
+        sim = cat["text"][rows].float() @ cat["video"].float().T  # [Nt, Nv]
+        positive = positives_from_ids(cat["sample_id"][rows], cat["sample_id"])
+
+        with_audio = "audio_tokens" in cat and bool(cat["audio_mask"].any())
+
+        def itm(text_index: torch.Tensor, video_index: torch.Tensor) -> torch.Tensor:
+            scores = []
+            for i in range(0, text_index.numel(), chunk):
+                t, v = rows[text_index[i : i + chunk]], video_index[i : i + chunk]
+                tokens = {"video": cat["video_tokens"][v], "text": cat["text_tokens"][t]}
+                masks = {"video": cat["video_token_mask"][v], "text": cat["text_mask"][t]}
+                if with_audio:  # audio travels with its video, as in training
+                    tokens["audio"], masks["audio"] = cat["audio_tokens"][v], cat["audio_mask"][v]
+                fused = self.fusion(tokens, masks)
+                scores.append(self.itm_head(fused.pooled)[:, 1].float())
+            return torch.cat(scores)
+
+        out: dict[str, float] = {}
+        t2v = rerank_top_k(sim, self.rerank_k, itm)
+        v2t = rerank_top_k(sim.T, self.rerank_k, lambda r, c: itm(c, r))
+        for name, scores, pos in (("t2v", t2v, positive), ("v2t", v2t, positive.T)):
+            m = retrieval_metrics(scores, pos)
+            for k in ("r1", "r5", "r10", "medr", "meanr"):
+                out[f"{name}_{k}_match"] = m[k]
+        return out
 
     @staticmethod
     def retrieval_scores(
