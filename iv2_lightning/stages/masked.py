@@ -78,6 +78,7 @@ class MaskedVideoStage(BaseStage):
         decoder_depth: int = 2,
         decoder_heads: int = 4,
         norm_pix: bool = True,
+        raw_pix_weight: float = 0.0,
         teacher: str | None = None,
         teacher_kwargs: dict[str, Any] | None = None,
         teacher_layers: int = 1,
@@ -93,12 +94,18 @@ class MaskedVideoStage(BaseStage):
             raise ValueError(
                 "mask_type='attention' needs target='teacher' (the mask follows the teacher's attention)"
             )
+        if raw_pix_weight < 0 or (raw_pix_weight > 0 and not (target == "pixels" and norm_pix)):
+            raise ValueError(
+                f"raw_pix_weight must be >= 0 and needs target='pixels' with norm_pix=True; got "
+                f"raw_pix_weight={raw_pix_weight}, target={target!r}, norm_pix={norm_pix}"
+            )
         if target == "teacher" and not teacher:
             raise ValueError("target='teacher' needs `teacher`: a weights path or a class path")
         self.target = target
         self.mask_type = mask_type
         self.mask_ratio = mask_ratio
         self.norm_pix = norm_pix
+        self.raw_pix_weight = raw_pix_weight
         self.teacher_layers = teacher_layers
         self.teacher_autocast = teacher_autocast
         self.log_images = log_images
@@ -108,7 +115,8 @@ class MaskedVideoStage(BaseStage):
         if target == "pixels":
             self.decoder = PixelDecoder(
                 enc.embed_dim,
-                patch_dim=self.tubelet * self.patch * self.patch * 3,
+                # with a raw-pixel term the decoder predicts both targets of each patch
+                patch_dim=self.tubelet * self.patch * self.patch * 3 * (2 if raw_pix_weight > 0 else 1),
                 grid=enc.grid_size,
                 dim=decoder_dim,
                 depth=decoder_depth,
@@ -173,10 +181,23 @@ class MaskedVideoStage(BaseStage):
             mask = self._mask(batch, grid, generator=generator)
             out = self.video_encoder(video, mask=mask)
             pred = self.decoder(out.tokens, mask)
+            if self.raw_pix_weight > 0:
+                pred, raw = pred.chunk(2, dim=-1)
             loss = pixel_reconstruction_loss(
                 pred, video, mask, self.tubelet, self.patch, normalize=self.norm_pix
             )
-            return {"loss": loss, "recon_loss": loss.detach(), "_pred": pred, "_mask": mask}
+            if self.raw_pix_weight <= 0:
+                return {"loss": loss, "recon_loss": loss.detach(), "_pred": pred, "_mask": mask}
+            raw_loss = pixel_reconstruction_loss(raw, video, mask, self.tubelet, self.patch, normalize=False)
+            total = loss + self.raw_pix_weight * raw_loss
+            return {
+                "loss": total,
+                "recon_loss": total.detach(),
+                "recon_loss_norm": loss.detach(),
+                "recon_loss_raw": raw_loss.detach(),
+                "_pred": pred,
+                "_mask": mask,
+            }
         t_out = self._teacher(video)
         mask = self._mask(batch, grid, t_out, generator=generator)
         out = self.video_encoder(video, mask=mask, return_hidden=self.teacher_layers)
@@ -205,11 +226,18 @@ class MaskedVideoStage(BaseStage):
     def _eval_step(self, batch: VideoBatch, batch_idx: int, prefix: str) -> None:
         gen = torch.Generator().manual_seed(10_000 + batch_idx)  # the same masks every epoch
         out = self._losses(batch, generator=gen)
-        self.log(
-            f"{prefix}/recon_loss", out["recon_loss"], on_epoch=True, sync_dist=True, batch_size=len(batch)
-        )
+        for key in ("recon_loss", "recon_loss_norm", "recon_loss_raw"):
+            if key in out:
+                self.log(f"{prefix}/{key}", out[key], on_epoch=True, sync_dist=True, batch_size=len(batch))
         if prefix == "val":
-            self._val_losses.append(out["recon_loss"].detach())
+            self._val_losses.append(
+                torch.stack(
+                    [
+                        out.get(k, out["recon_loss"])
+                        for k in ("recon_loss", "recon_loss_norm", "recon_loss_raw")
+                    ]
+                )
+            )
         if (
             batch_idx == 0
             and self.log_images
@@ -228,18 +256,25 @@ class MaskedVideoStage(BaseStage):
         if self.trainer.sanity_checking or not self._val_losses:
             self._val_losses.clear()
             return
-        current = torch.stack(self._val_losses).mean()
-        current = float(self.trainer.strategy.reduce(current, reduce_op="mean"))
+        means = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(dim=0), reduce_op="mean")
+        current = [float(x) for x in means]  # total, norm-pixel term, raw-pixel term
         self._val_losses.clear()
         if self.first_val_loss is None:
-            self.first_val_loss = current
-        self.log("val/recon_loss_ratio", current / max(self.first_val_loss, 1e-12), sync_dist=False)
+            self.first_val_loss = current[0]
+            self._first_parts = current[1:]
+        self.log("val/recon_loss_ratio", current[0] / max(self.first_val_loss, 1e-12), sync_dist=False)
+        if self.raw_pix_weight > 0 and getattr(self, "_first_parts", None):
+            # the two terms' own ratios, so a reader sees which one fell
+            for name, now, first in zip(("norm", "raw"), current[1:], self._first_parts):
+                self.log(f"val/recon_loss_{name}_ratio", now / max(first, 1e-12), sync_dist=False)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["first_val_loss"] = self.first_val_loss
+        checkpoint["first_val_parts"] = getattr(self, "_first_parts", None)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.first_val_loss = checkpoint.get("first_val_loss")
+        self._first_parts = checkpoint.get("first_val_parts")
 
     # -- pictures --------------------------------------------------------------------------------
 
