@@ -2,10 +2,14 @@
 
 The curriculum YAML lists stages; each is an ordinary ``iv2 fit`` (its configs plus extra
 arguments) run in its own folder ``<output_dir>/<name>``, with two callbacks added: ``ModelCheckpoint``
-(``last.ckpt`` every epoch, for resuming) and :class:`~iv2_lightning.callbacks.StageTransition`
-(the shared weights and a manifest in ``<name>/export``). A stage with ``init_from: <earlier stage>``
-starts from that stage's export. Rerunning the same command skips every stage whose export is
-complete and resumes an interrupted stage from its ``last.ckpt``.
+(``checkpoints/last.ckpt`` rewritten atomically at the end of every epoch, with the random generators,
+for resuming) and :class:`~iv2_lightning.callbacks.StageTransition` (the shared weights and a
+manifest in ``<name>/export``). A stage with ``init_from: <earlier stage>`` starts from that stage's
+export. Rerunning the same command after a crash or a kill skips every stage whose export is complete
+and matches its manifest (size and sha256 of the weights), and resumes an interrupted stage from the
+newest checkpoint in its ``checkpoints/`` that loads (a damaged one is passed over with a warning;
+one that would run code when unpickled stops the command, naming the file). With the same seed, on
+CPU, the resumed stage ends with the weights an uninterrupted run would have.
 
 At the end it prints a table of the metrics each stage reports and writes
 ``<output_dir>/summary.json``.
@@ -39,9 +43,16 @@ from typing import Any
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from iv2_lightning.stages.weights import MANIFEST_FILE
+from iv2_lightning.io import (
+    UnreadableCheckpointError,
+    checkpoints_in,
+    newest_readable_checkpoint,
+    write_json_atomic,
+)
+from iv2_lightning.stages.weights import MANIFEST_FILE, export_problem
 
 log = logging.getLogger(__name__)
 console = Console()
@@ -115,15 +126,23 @@ def load_curriculum(path: str | Path) -> dict[str, Any]:
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
+    """The manifest of a finished stage's export, or None when the stage has to run (again): no
+    export, an unreadable or incomplete manifest, or weights that do not match it."""
     f = stage_dir / "export" / MANIFEST_FILE
     if not f.is_file():
         return None
     try:
         manifest = json.loads(f.read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("%s is unreadable; the stage will run again", f)
         return None
-    return manifest if manifest.get("complete") else None
+    if not isinstance(manifest, dict) or not manifest.get("complete"):
+        return None
+    problem = export_problem(f.parent, manifest)
+    if problem:
+        log.warning("%s; the stage will run again", problem)
+        return None
+    return manifest
 
 
 def stage_args(stage: dict[str, Any], stage_dir: Path, seed: int, init_dir: Path | None) -> list[str]:
@@ -136,10 +155,8 @@ def stage_args(stage: dict[str, Any], stage_dir: Path, seed: int, init_dir: Path
         f"--seed_everything={seed}",
         "--trainer.callbacks+=iv2_lightning.callbacks.StageTransition",
         f"--trainer.callbacks.export_dir={stage_dir / 'export'}",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        "--trainer.callbacks+=iv2_lightning.io.ResumeCheckpoint",  # last.ckpt at the end of every epoch
         f"--trainer.callbacks.dirpath={stage_dir / 'checkpoints'}",
-        "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.save_top_k=0",
     ]
     if init_dir is not None:
         args.append(f"--model.init_args.init_from={init_dir}")
@@ -150,16 +167,19 @@ def run_stage(stage: dict[str, Any], stage_dir: Path, seed: int, init_dir: Path 
     from iv2_lightning.lightning_cli import make_cli
 
     stage_dir.mkdir(parents=True, exist_ok=True)
+    # before building anything: a checkpoint that would run code stops here, naming the file
+    ckpt = newest_readable_checkpoint(checkpoints_in(stage_dir / "checkpoints"))
     argv, sys.argv = sys.argv, sys.argv[:1]  # the stage's arguments come from the YAML, not our command line
     try:
         cli = make_cli(stage_args(stage, stage_dir, seed, init_dir)[1:], run=False)
     finally:
         sys.argv = argv
-    last = stage_dir / "checkpoints" / "last.ckpt"
-    ckpt = str(last) if last.is_file() else None
-    if ckpt:
-        console.print(f"[cyan]{stage['name']}[/cyan]: resuming from {last}")
-    cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt)
+    if ckpt is not None:
+        console.print(f"[cyan]{stage['name']}[/cyan]: resuming from {ckpt}")
+    # the trainer's AtomicCheckpointIO loads it with weights_only=True
+    cli.trainer.fit(
+        cli.model, cli.datamodule, ckpt_path=None if ckpt is None else str(ckpt), weights_only=True
+    )
     if cli.trainer.interrupted:
         raise KeyboardInterrupt(f"stage {stage['name']} was interrupted; rerun the command to resume")
     manifest = read_manifest(stage_dir)
@@ -251,11 +271,15 @@ def curriculum_main(argv: list[str] | None = None) -> int:
                 )
                 return 1
         console.rule(f"{name}")
-        manifests[name] = run_stage(stage, stage_dir, int(cfg["seed"]), init_dir)
+        try:
+            manifests[name] = run_stage(stage, stage_dir, int(cfg["seed"]), init_dir)
+        except UnreadableCheckpointError as err:  # e.g. a checkpoint that would run code: refused
+            console.print(f"[red]{name}: {escape(str(err))}[/red]")
+            return 1
     summary = summarize(cfg, manifests)
     summary["wall_seconds_this_run"] = round(time.time() - started, 1)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomic(out / "summary.json", summary)
     print_summary(cfg, summary)
     console.print(f"summary written to {out / 'summary.json'}")
     return 0

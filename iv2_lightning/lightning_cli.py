@@ -4,16 +4,35 @@ Subclass mode for model (any :class:`~iv2_lightning.stages.BaseStage`) and data 
 :class:`~iv2_lightning.data.datamodules.VideoDataModuleBase`); the clip geometry and the tokenizer
 are set once, on the data, and linked into the model. A wrong key or type fails at parse time and
 jsonargparse names the key.
+
+Every trainer it builds writes checkpoints atomically (:class:`~iv2_lightning.io.AtomicCheckpointIO`),
+stores the random generators in them (:class:`~iv2_lightning.io.RngState`) and reports skipped
+samples (:class:`~iv2_lightning.callbacks.DataErrorReport`). ``iv2 fit ... --ckpt_path last`` makes a
+run resumable by rerunning the same command: it keeps ``<default_root_dir>/checkpoints/last.ckpt``
+(rewritten at the end of every epoch) and starts from the newest checkpoint there, or in the folder of
+any ``ModelCheckpoint`` with a ``dirpath``, that loads (damaged ones are passed over with a warning;
+none: a fresh start).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_info
 
 from iv2_lightning.callbacks import DataErrorReport
 from iv2_lightning.data.datamodules import VideoDataModuleBase
+from iv2_lightning.io import (
+    ResumeCheckpoint,
+    RngState,
+    checkpoints_in,
+    install_atomic_checkpoint_io,
+    load_checkpoint_file,
+    newest_readable_checkpoint,
+)
 from iv2_lightning.stages.base import BaseStage
 
 
@@ -23,10 +42,58 @@ class IV2CLI(LightningCLI):
             parser.link_arguments(f"data.init_args.{key}", f"model.init_args.{key}")
 
     def instantiate_trainer(self, **kwargs: Any):
+        # the callbacks of the config, copied before the Trainer adds its defaults to the same list
+        configured = (self._get(self.config_init, "trainer", default=None) or {}).get("callbacks") or []
+        configured = list(configured) if isinstance(configured, list | tuple) else [configured]
         trainer = super().instantiate_trainer(**kwargs)
         if not any(isinstance(c, DataErrorReport) for c in trainer.callbacks):
             trainer.callbacks.append(DataErrorReport())
+        if not any(isinstance(c, RngState) for c in trainer.callbacks):
+            trainer.callbacks.append(RngState())
+        install_atomic_checkpoint_io(trainer)
+        if self._resume_last():
+            if not any(isinstance(c, ModelCheckpoint) for c in configured):
+                # Lightning added its default ModelCheckpoint: ours takes its place
+                trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
+            folder = self.resume_dir(trainer)
+            if not any(isinstance(c, ResumeCheckpoint) or self._dirpath(c) == folder for c in configured):
+                trainer.callbacks.append(ResumeCheckpoint(str(folder)))
         return trainer
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads a --ckpt_path file (weights_only=True) for its hyperparameters before
+        # anything else; check it first so an unsafe or damaged file fails with a message naming it
+        if self.config.get("subcommand"):
+            ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
+            if ckpt_path and Path(ckpt_path).is_file():
+                load_checkpoint_file(ckpt_path, mmap=True)
+        super()._parse_ckpt_path()
+
+    def _resume_last(self) -> bool:
+        return self.subcommand == "fit" and self.config.get(self.subcommand, {}).get("ckpt_path") == "last"
+
+    @staticmethod
+    def resume_dir(trainer) -> Path:
+        return (Path(trainer.default_root_dir) / "checkpoints").resolve()
+
+    @staticmethod
+    def _dirpath(callback) -> Path | None:
+        dirpath = getattr(callback, "dirpath", None) if isinstance(callback, ModelCheckpoint) else None
+        return Path(dirpath).resolve() if dirpath else None
+
+    def before_fit(self) -> None:
+        """``--ckpt_path last``: the newest readable checkpoint of this run's checkpoint folders."""
+        if not self._resume_last():
+            return
+        folders = {self.resume_dir(self.trainer)}
+        folders |= {d for d in map(self._dirpath, self.trainer.checkpoint_callbacks) if d is not None}
+        found = newest_readable_checkpoint(p for d in sorted(folders) for p in checkpoints_in(d))
+        if found is None:
+            where = ", ".join(sorted(map(str, folders)))
+            rank_zero_info(f"--ckpt_path last: no checkpoint in {where} yet; starting from scratch")
+        else:
+            rank_zero_info(f"--ckpt_path last: resuming from {found}")
+        self.config_init[self.subcommand]["ckpt_path"] = None if found is None else str(found)
 
 
 def make_cli(args: list[str], run: bool = True) -> IV2CLI:

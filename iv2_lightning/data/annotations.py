@@ -25,12 +25,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 KNOWN_KEYS = ("video", "caption", "asr", "audio_caption", "label", "start", "end", "qa")
+#: labels become an int64 tensor in the collate (negative = unlabelled)
+LABEL_RANGE = (-(2**63), 2**63 - 1)
 ALIASES = {"speech": "asr", "avs_caption": "caption", "fused_caption": "caption", "text": "caption"}
 
 
@@ -64,6 +67,10 @@ def _text(value: Any, key: str) -> str:
             raise ValueError(f"{key} is not valid UTF-8 ({err.reason} at byte {err.start})") from err
     if not isinstance(value, str):
         raise ValueError(f"{key} must be a string; got {type(value).__name__}")
+    try:
+        value.encode("utf-8")  # a lone surrogate ("\\ud800" in JSON) would fail later, in the tokenizer
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{key} is not valid Unicode ({err.reason} at character {err.start})") from err
     return value
 
 
@@ -87,17 +94,29 @@ def parse_row(raw: dict[str, Any], path: str | Path, line: int) -> AnnotationRow
             if isinstance(label, bool) or not str(label).lstrip("-").isdigit():
                 raise ValueError(f"label must be an integer; got {label!r}")
             label = int(label)
+            if not LABEL_RANGE[0] <= label <= LABEL_RANGE[1]:
+                raise ValueError(f"label {label} does not fit in a 64-bit integer")
         else:
             label = None
         span = []
         for key in ("start", "end"):
             value = row.get(key)
-            span.append(None if value in (None, "") else float(value))
+            if value in (None, ""):
+                span.append(None)
+                continue
+            if isinstance(value, bool) or not isinstance(value, int | float | str):
+                raise ValueError(f"{key} must be a number of seconds; got {type(value).__name__}")
+            seconds = float(value)
+            if not math.isfinite(seconds) or seconds < 0:
+                raise ValueError(f"{key} must be a finite number of seconds >= 0; got {value!r}")
+            span.append(seconds)
         if span[0] is not None and span[1] is not None and span[1] <= span[0]:
             raise ValueError(f"end {span[1]} is not after start {span[0]}")
         qa_raw = row.get("qa") or []
         if isinstance(qa_raw, str):
             qa_raw = json.loads(qa_raw)
+        if not isinstance(qa_raw, list | tuple):
+            raise ValueError(f"qa must be a list of [question, answer] pairs; got {type(qa_raw).__name__}")
         qa = []
         for pair in qa_raw:
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
@@ -117,8 +136,8 @@ def parse_row(raw: dict[str, Any], path: str | Path, line: int) -> AnnotationRow
             line=line,
             extra={k: v for k, v in row.items() if k not in KNOWN_KEYS},
         )
-    except (ValueError, TypeError, json.JSONDecodeError) as err:
-        raise AnnotationError(path, line, str(err)) from err
+    except (ValueError, TypeError, RecursionError) as err:
+        raise AnnotationError(path, line, str(err) or type(err).__name__) from err
 
 
 def _raw_rows(path: Path):
@@ -127,7 +146,20 @@ def _raw_rows(path: Path):
     suffix = path.suffix.lower()
     if suffix == ".csv":
         text = data.decode("utf-8", errors="surrogateescape")
-        for i, rec in enumerate(csv.DictReader(io.StringIO(text)), start=2):
+        reader = csv.DictReader(io.StringIO(text))
+        i = 1
+        while True:
+            i += 1
+            before = reader.line_num
+            try:
+                rec = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as err:  # e.g. a field over csv.field_size_limit()
+                yield i, ValueError(f"not a valid CSV record ({err})")
+                if reader.line_num == before:  # the reader cannot move past it
+                    return
+                continue
             fixed = {}
             for k, v in rec.items():
                 if isinstance(v, str):
@@ -141,7 +173,7 @@ def _raw_rows(path: Path):
     if suffix == ".json":
         try:
             rows = json.loads(data.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
             raise AnnotationError(path, 0, f"not a JSON list of rows ({err})") from err
         if not isinstance(rows, list):
             raise AnnotationError(
@@ -162,6 +194,9 @@ def _raw_rows(path: Path):
             rec = json.loads(text)
         except json.JSONDecodeError as err:
             yield i, ValueError(f"not valid JSON ({err.msg})")
+            continue
+        except RecursionError:
+            yield i, ValueError("not valid JSON (nested too deeply)")
             continue
         yield i, rec if isinstance(rec, dict) else ValueError(f"row is not a JSON object: {rec!r}")
 

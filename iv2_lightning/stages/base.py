@@ -7,9 +7,10 @@
   (torch's ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``), stepped every batch;
 * ``freeze``: parameter names or prefixes that do not train (kept out of the optimizer, put in
   eval mode);
-* non-finite inputs or losses: the step is skipped and counted; ``max_bad_steps`` in a row stop the
-  run with a message that says so;
-* the gradient norm is logged before each optimizer step.
+* non-finite inputs (video, audio), losses or gradients: the step is skipped (no optimizer update)
+  and counted (``train/bad_steps``); ``max_bad_steps`` in a row stop the run with a message that
+  says so;
+* the gradient norm is logged before each optimizer step (``train/grad_norm``, before clipping).
 
 The structure follows torchgeo's ``trainers/base.py``: one base that owns the optimizer and the
 bookkeeping, small subclasses that override ``build``-time modules and ``compute_loss``.
@@ -139,6 +140,7 @@ class BaseStage(L.LightningModule):
         self.max_bad_steps = max_bad_steps
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
+        self._step_was_bad = False
         self.init_report: dict[str, Any] | None = None
 
     # -- construction --------------------------------------------------------------------------
@@ -259,14 +261,28 @@ class BaseStage(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Log the gradient norm; a non-finite one drops the gradients, so the optimizer leaves every
+        parameter as it is (AdamW skips parameters without a gradient), and counts a bad step.
+
+        Under fp16 mixed precision the GradScaler finds overflowing steps and skips them itself (it
+        expects a few while it calibrates its scale), so they are not counted here."""
         grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-            self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        if not bool(torch.isfinite(norm)):
+            for p in self.parameters():
+                p.grad = None
+            self._bad(f"a non-finite gradient norm ({norm.item()})")
 
     # -- steps ---------------------------------------------------------------------------------
 
     def _bad(self, why: str) -> None:
+        self._step_was_bad = True
         self.bad_steps_in_a_row += 1
         self.bad_steps_total += 1
         self.log("train/bad_steps", float(self.bad_steps_total), on_step=True, on_epoch=False)
@@ -277,16 +293,39 @@ class BaseStage(L.LightningModule):
                 f"(max_bad_steps={self.max_bad_steps}). Lower the learning rate or check the data."
             )
 
-    def training_step(self, batch: VideoBatch, batch_idx: int):
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._step_was_bad = False
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        # after the optimizer step: only a step whose input, loss and gradients were all finite
+        # ends a run of bad steps
+        if not self._step_was_bad:
+            self.bad_steps_in_a_row = 0
+
+    @staticmethod
+    def non_finite_input(batch: VideoBatch) -> str | None:
+        """Which input of the batch holds NaN or Inf (None when all are finite)."""
         if not bool(torch.isfinite(batch.video).all()):
-            self._bad("non-finite values in the input video")
+            return "non-finite values in the input video"
+        audio = getattr(batch, "audio", None)
+        if (
+            isinstance(audio, torch.Tensor)
+            and audio.is_floating_point()
+            and not bool(torch.isfinite(audio).all())
+        ):
+            return "non-finite values in the input audio"
+        return None
+
+    def training_step(self, batch: VideoBatch, batch_idx: int):
+        why = self.non_finite_input(batch)
+        if why is not None:
+            self._bad(why)
             return None
         out = self.compute_loss(batch)
         loss = out["loss"]
         if not bool(torch.isfinite(loss)):
             self._bad(f"a non-finite loss ({loss.item()})")
             return None
-        self.bad_steps_in_a_row = 0
         bs = len(batch)
         for k, v in out.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:

@@ -2,9 +2,12 @@
 
 An export is a folder holding ``weights.safetensors`` (fp32 tensors of the shared modules, keys
 prefixed by the module name: ``video_encoder.blocks.0.attn.qkv.weight``) and ``manifest.json``
-(stage, preset, architecture, metrics, global step). ``init_from`` accepts such a folder, the
-``.safetensors`` file itself, or a Lightning ``.ckpt`` (read with ``weights_only=True``: a
-checkpoint never runs code when it is loaded).
+(stage, preset, architecture, metrics, global step, and the size and sha256 of the weights file).
+``init_from`` accepts such a folder, the ``.safetensors`` file itself, or a Lightning ``.ckpt`` (read
+with ``weights_only=True``: a checkpoint never runs code when it is loaded).
+
+Both files are written under temporary names and renamed, the manifest last; a weights file that
+does not match its manifest (cut short, replaced) is refused naming the file.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from iv2_lightning.io import atomic_path, sha256_file, write_json_atomic
+
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
@@ -29,6 +34,23 @@ class WeightsMismatchError(ValueError):
     """``init_from`` found tensors whose shapes differ from the model's (or, when strict, missing ones)."""
 
 
+def export_problem(folder: str | os.PathLike, manifest: dict[str, Any]) -> str | None:
+    """Why the ``weights.safetensors`` of an export folder does not match its manifest (None when it
+    does, or when the manifest records neither size nor hash, as exports before these fields)."""
+    path = Path(folder) / WEIGHTS_FILE
+    if not path.is_file():
+        return f"{path} is missing"
+    size = path.stat().st_size
+    if "weights_bytes" in manifest and size != manifest["weights_bytes"]:
+        return (
+            f"{path} is {size} bytes but its manifest records {manifest['weights_bytes']}: "
+            "the file was cut short or replaced"
+        )
+    if "weights_sha256" in manifest and sha256_file(path) != manifest["weights_sha256"]:
+        return f"{path} does not match the sha256 in its manifest: the file is damaged or was replaced"
+    return None
+
+
 def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors and manifest (empty for a bare file) from an export folder, .safetensors or .ckpt."""
     path = Path(source)
@@ -37,10 +59,18 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     manifest: dict[str, Any] = {}
     if path.is_dir():
         if (path / MANIFEST_FILE).is_file():
-            manifest = json.loads((path / MANIFEST_FILE).read_text())
+            try:
+                manifest = json.loads((path / MANIFEST_FILE).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"init_from: {path / MANIFEST_FILE} is not readable JSON ({err})") from err
+            if not isinstance(manifest, dict):
+                raise ValueError(f"init_from: {path / MANIFEST_FILE} does not hold a JSON object")
+        if not (path / WEIGHTS_FILE).is_file():
+            raise FileNotFoundError(f"init_from: {path} holds no {WEIGHTS_FILE}")
+        problem = export_problem(path, manifest)
+        if problem:
+            raise ValueError(f"init_from: {problem}; export the weights again")
         path = path / WEIGHTS_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"init_from: {path.parent} holds no {WEIGHTS_FILE}")
     if path.suffix == ".safetensors":
         try:
             return load_file(str(path)), manifest
@@ -141,8 +171,9 @@ def load_shared_weights(
 def export_shared_weights(model: nn.Module, folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:
     """Write the shared modules of ``model`` as fp32 safetensors + manifest into ``folder``.
 
-    Both files are written under temporary names and renamed, the manifest last, so a reader that
-    finds a manifest finds complete weights.
+    Both files are written under temporary names, synced and renamed, the manifest last, so a reader
+    that finds a manifest finds complete weights; the manifest records the weights file's size and
+    sha256, so a reader can also tell when the weights were damaged or replaced afterwards.
     """
     from iv2_lightning.stages.base import SHARED_MODULES
 
@@ -153,15 +184,15 @@ def export_shared_weights(model: nn.Module, folder: str | os.PathLike, manifest:
         for k, v in model.state_dict().items()
         if k.split(".", 1)[0] in SHARED_MODULES
     }
-    tmp = folder / f".{WEIGHTS_FILE}.partial"
-    save_file(tensors, str(tmp), metadata={"format": "iv2_lightning"})
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    weights = folder / WEIGHTS_FILE
+    with atomic_path(weights) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "iv2_lightning"})
     manifest = {
         **manifest,
         "num_tensors": len(tensors),
         "num_parameters": int(sum(t.numel() for t in tensors.values())),
+        "weights_bytes": weights.stat().st_size,
+        "weights_sha256": sha256_file(weights),
     }
-    tmp = folder / f".{MANIFEST_FILE}.partial"
-    tmp.write_text(json.dumps(manifest, indent=2, default=str))
-    os.replace(tmp, folder / MANIFEST_FILE)
+    write_json_atomic(folder / MANIFEST_FILE, manifest)
     return folder
