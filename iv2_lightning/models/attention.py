@@ -291,4 +291,6 @@ class CrossAttention(nn.Module):
 
 
 def _default_norm(dim: int) -> nn.Module:
-    return nn.RMSNorm(dim, eps=1e-6)
+    from iv2_lightning.models.layers import RMSNorm  # layers imports this module
+
+    return RMSNorm(dim, eps=1e-6)
