@@ -112,6 +112,7 @@ class BaseStage(L.LightningModule):
         init_prefix_map: dict[str, str] | None = None,
         init_strict: bool = False,
         freeze: list[str] | None = None,
+        lr_mult: dict[str, float] | None = None,
         max_bad_steps: int = 5,
     ) -> None:
         super().__init__()
@@ -137,6 +138,10 @@ class BaseStage(L.LightningModule):
         self.init_prefix_map = init_prefix_map
         self.init_strict = init_strict
         self.freeze_names = list(freeze or [])
+        self.lr_mult = {str(k): float(v) for k, v in (lr_mult or {}).items()}
+        for key, mult in self.lr_mult.items():
+            if not (math.isfinite(mult) and mult > 0):
+                raise ValueError(f"lr_mult[{key!r}] must be a positive number; got {mult}")
         self.max_bad_steps = max_bad_steps
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
@@ -229,19 +234,41 @@ class BaseStage(L.LightningModule):
     # -- optimisation --------------------------------------------------------------------------
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        decay, no_decay = [], []
+        """AdamW groups: weight decay except on norms, biases and position tables, and a learning
+        rate of ``lr * lr_mult[prefix]`` for parameters under a prefix of ``lr_mult`` (the longest
+        matching prefix wins; e.g. ``{video_encoder.blocks: 0.1}`` fine-tunes a pretrained trunk
+        gently while new heads learn at ``lr``)."""
+        prefixes = sorted(self.lr_mult, key=len, reverse=True)
+        used: set[str] = set()
+        groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
             leaf = name.rsplit(".", 1)[-1]
-            if p.ndim <= 1 or any(k in leaf for k in _NO_DECAY_NAMES) or name.endswith(".bias"):
-                no_decay.append(p)
-            else:
-                decay.append(p)
-        return [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
+            no_decay = p.ndim <= 1 or any(k in leaf for k in _NO_DECAY_NAMES) or name.endswith(".bias")
+            prefix = next((k for k in prefixes if name == k or name.startswith(k + ".")), None)
+            if prefix is not None:
+                used.add(prefix)
+            mult = self.lr_mult[prefix] if prefix is not None else 1.0
+            groups.setdefault((mult, no_decay), []).append(p)
+        unused = sorted(set(self.lr_mult) - used)
+        if unused:
+            raise ValueError(
+                f"lr_mult names {unused}, which match no trainable parameter of {type(self).__name__} "
+                "(a frozen module, or a typo: use module names such as video_encoder.blocks)"
+            )
+        out = []
+        for no_decay in (False, True):  # decayed groups first, as before lr_mult existed
+            for (mult, nd), params in sorted(groups.items(), key=lambda kv: -kv[0][0]):
+                if nd == no_decay:
+                    group: dict[str, Any] = {
+                        "params": params,
+                        "weight_decay": 0.0 if nd else self.weight_decay,
+                    }
+                    if mult != 1.0:
+                        group["lr"] = self.lr * mult
+                    out.append(group)
+        return out
 
     def configure_optimizers(self):
         opt = torch.optim.AdamW(self.parameter_groups(), lr=self.lr, betas=self.betas, eps=self.eps)
@@ -250,14 +277,17 @@ class BaseStage(L.LightningModule):
             total = 1000
         warmup = int(self.warmup * total) if self.warmup < 1 else int(self.warmup)
         warmup = min(max(warmup, 0), total - 1)
-        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(
-            opt, T_max=max(1, total - warmup), eta_min=self.lr * self.min_lr_ratio
-        )
-        if warmup > 0:
-            ramp = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (warmup + 1), total_iters=warmup)
-            sched = torch.optim.lr_scheduler.SequentialLR(opt, [ramp, cosine], milestones=[warmup])
-        else:
-            sched = cosine
+        floor, span = self.min_lr_ratio, max(1, total - warmup)
+
+        def factor(step: int) -> float:
+            """Linear warmup from lr / (warmup + 1) to lr, then cosine to lr * min_lr_ratio; as a
+            factor, so every group (see ``lr_mult``) follows the curve in proportion."""
+            if step < warmup:
+                start = 1 / (warmup + 1)
+                return start + (1 - start) * step / warmup
+            return floor + (1 - floor) * (1 + math.cos(math.pi * min(step - warmup, span) / span)) / 2
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:

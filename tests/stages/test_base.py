@@ -61,6 +61,46 @@ def test_warmup_then_cosine_schedule():
     assert all(a >= b - 1e-12 for a, b in itertools.pairwise(lrs[10:]))  # then decaying
 
 
+def test_lr_mult_scales_a_prefix_and_follows_the_schedule_in_proportion():
+    stage = action(
+        lr=1e-2, warmup=10, min_lr_ratio=0.1, lr_mult={"video_encoder.blocks": 0.1, "video_encoder": 0.5}
+    )
+    names = {id(p): n for n, p in stage.named_parameters()}
+    by_name = {names[id(p)]: g for g in stage.parameter_groups() for p in g["params"]}
+    assert by_name["video_encoder.blocks.0.attn.qkv.weight"]["lr"] == pytest.approx(
+        1e-3
+    )  # longest prefix wins
+    assert by_name["video_encoder.blocks.0.norm1.weight"]["weight_decay"] == 0.0
+    assert by_name["video_encoder.patch_embed.proj.weight"]["lr"] == pytest.approx(5e-3)
+    assert "lr" not in by_name["head.head.weight"]  # the stage's own lr
+    assert len(by_name) == sum(1 for _ in stage.parameters())
+
+    class FakeTrainer:
+        estimated_stepping_batches = 100
+
+    stage._trainer = FakeTrainer()
+    cfg = stage.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    for _ in range(60):
+        opt.step()
+        sched.step()
+    base = {g["initial_lr"]: g["lr"] for g in opt.param_groups}
+    full = next(v for k, v in base.items() if k == pytest.approx(1e-2))
+    for initial, now in base.items():
+        assert now / initial == pytest.approx(full / 1e-2, rel=1e-9)
+
+
+def test_lr_mult_errors_name_the_key():
+    with pytest.raises(ValueError, match=r"lr_mult\['video_encoder'\] must be a positive number; got 0.0"):
+        action(lr_mult={"video_encoder": 0.0})
+    with pytest.raises(
+        ValueError, match=r"lr_mult names \['video_encodr'\], which match no trainable parameter"
+    ):
+        action(lr_mult={"video_encodr": 0.5}).parameter_groups()
+    with pytest.raises(ValueError, match=r"lr_mult names \['video_encoder'\]"):
+        action(freeze_backbone=True, lr_mult={"video_encoder": 0.5}).parameter_groups()
+
+
 def test_freeze_keeps_weights_and_reports_bad_names():
     stage = action(freeze_backbone=True)
     assert stage.frozen_modules() == ["video_encoder"]
