@@ -45,6 +45,7 @@ from iv2_lightning.models.losses import (
 from iv2_lightning.models.masking import attention_guided_mask, make_mask, random_mask, tube_mask
 from iv2_lightning.models.pos_embed import interpolate_pos_embed_3d, sincos_1d, sincos_2d, sincos_3d
 from iv2_lightning.models.resampler import QueryResampler
+from iv2_lightning.models.teachers import ConvFrameTeacher, TeacherOutput
 from iv2_lightning.models.temporal import HierarchicalTemporalEncoder, HTEOutput
 from iv2_lightning.models.text import (
     ByteTokenizer,
@@ -66,6 +67,7 @@ __all__ = [
     "ByteTokenizer",
     "CausalDecoder",
     "ClassificationHead",
+    "ConvFrameTeacher",
     "ConversionReport",
     "CosineDistillLoss",
     "CrossAttention",
@@ -88,6 +90,7 @@ __all__ = [
     "PixelDecoder",
     "ProjectionHead",
     "QueryResampler",
+    "TeacherOutput",
     "TextEncoder",
     "TextOutput",
     "TokenizedText",

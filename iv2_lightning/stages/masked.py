@@ -11,6 +11,12 @@ Two targets, as in the literature InternVideo2 builds on:
   teacher's pooled output) with the loss mean(2 - 2 cos). The visible tokens can be drawn from the
   teacher's attention-pool weights (``mask_type="attention"``). The teacher runs under ``no_grad``
   and, on CUDA, under bf16 autocast (UMT: halves the cost of the teacher).
+  ``teacher="random"`` builds a frozen, randomly initialised ``VideoEncoder`` (the student's
+  architecture unless ``teacher_kwargs`` says otherwise; weights drawn from ``teacher_seed``, so a
+  resumed run rebuilds the same teacher). With no pretrained video teacher available offline, this is
+  the tiny curriculum's stand-in for InternVideo2's teachers: Sarnthein et al. (ICML 2023, "Random
+  Teachers are Good Teachers") report that students distilled from a random teacher learn features
+  that probe better than the teacher's own.
 
 Validation masks are drawn from a fixed seed per batch, so the held-out loss of different epochs is
 comparable; ``val/recon_loss_ratio`` is the current held-out loss over the one of the first epoch.
@@ -40,13 +46,28 @@ from iv2_lightning.stages.base import BaseStage
 from iv2_lightning.stages.weights import load_shared_weights
 
 
-def build_teacher(spec: str, kwargs: dict[str, Any] | None = None) -> nn.Module:
-    """A frozen teacher: an export folder / .safetensors / .ckpt of a ``VideoEncoder`` (built from
-    ``kwargs``: ``preset`` plus overrides), or a class path ``package.module.Class`` / ``package.module:Class``
-    instantiated with ``kwargs``. The teacher must accept ``(video, return_hidden=k)`` and return
-    ``tokens``, ``pooled`` and ``hidden_states`` like :class:`VideoEncoder`."""
+def build_teacher(
+    spec: str,
+    kwargs: dict[str, Any] | None = None,
+    default_config: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A frozen teacher: ``"random"`` (a ``VideoEncoder`` with random weights drawn from ``seed``,
+    built from ``kwargs`` (``preset`` plus overrides) or, without them, from ``default_config``), an
+    export folder / .safetensors / .ckpt of a ``VideoEncoder`` (built from ``kwargs``), or a class
+    path ``package.module.Class`` / ``package.module:Class`` instantiated with ``kwargs``. The teacher
+    must accept ``(video, return_hidden=k)`` and return ``tokens``, ``pooled`` and ``hidden_states``
+    like :class:`VideoEncoder`."""
     kwargs = dict(kwargs or {})
-    if Path(spec).exists():
+    if spec == "random":
+        if kwargs or default_config is None:
+            config = preset_config(kwargs.pop("preset", "tiny"), **kwargs)
+        else:
+            config = dict(default_config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            teacher = VideoEncoder(**config)
+    elif Path(spec).exists():
         teacher = VideoEncoder(**preset_config(kwargs.pop("preset", "tiny"), **kwargs))
         holder = nn.Module()
         holder.video_encoder = teacher
@@ -79,9 +100,11 @@ class MaskedVideoStage(BaseStage):
         decoder_heads: int = 4,
         norm_pix: bool = True,
         raw_pix_weight: float = 0.0,
-        teacher: str | None = None,
-        teacher_kwargs: dict[str, Any] | None = None,
+        teacher: str | list[str] | None = None,
+        teacher_kwargs: dict[str, Any] | list[dict[str, Any]] | None = None,
+        teacher_weights: list[float] | None = None,
         teacher_layers: int = 1,
+        teacher_seed: int = 0,
         distill_head: Literal["linear", "mlp"] = "linear",
         teacher_autocast: bool = True,
         log_images: bool = True,
@@ -100,7 +123,7 @@ class MaskedVideoStage(BaseStage):
                 f"raw_pix_weight={raw_pix_weight}, target={target!r}, norm_pix={norm_pix}"
             )
         if target == "teacher" and not teacher:
-            raise ValueError("target='teacher' needs `teacher`: a weights path or a class path")
+            raise ValueError("target='teacher' needs `teacher`: 'random', a weights path or a class path")
         self.target = target
         self.mask_type = mask_type
         self.mask_ratio = mask_ratio
@@ -124,23 +147,57 @@ class MaskedVideoStage(BaseStage):
                 has_cls=enc.num_prefix > 0,
             )
         else:
-            # not a registered submodule: it is frozen, never exported, never in the optimizer
-            self.__dict__["teacher"] = build_teacher(teacher, teacher_kwargs)
-            with torch.no_grad():
-                probe = self.teacher(
-                    torch.zeros(1, 3, enc.num_frames, enc.image_size, enc.image_size),
-                    return_hidden=teacher_layers,
-                )
-            t_dim, t_pool = probe.tokens.shape[-1], probe.pooled.shape[-1]
-            if probe.tokens.shape[1] - getattr(probe, "num_prefix", 1) != enc.num_patches:
+            specs = [teacher] if isinstance(teacher, str) else list(teacher)
+            if teacher_kwargs is None or isinstance(teacher_kwargs, dict):
+                kwargs_list = [teacher_kwargs] * len(specs) if len(specs) == 1 else [None] * len(specs)
+                if teacher_kwargs and len(specs) > 1:
+                    raise ValueError(
+                        f"teacher names {len(specs)} teachers: give teacher_kwargs as a list of "
+                        f"{len(specs)} dicts (null for none)"
+                    )
+            else:
+                kwargs_list = list(teacher_kwargs)
+            weights = [1.0] * len(specs) if teacher_weights is None else [float(w) for w in teacher_weights]
+            if len(kwargs_list) != len(specs) or len(weights) != len(specs):
                 raise ValueError(
-                    f"teacher has {probe.tokens.shape[1]} tokens per clip, the student {enc.num_patches} (+cls): "
-                    "use the same patch size, tubelet, frames and image size"
+                    f"teacher names {len(specs)} teachers but teacher_kwargs has {len(kwargs_list)} entries "
+                    f"and teacher_weights {len(weights)}; give one per teacher"
                 )
-            self.token_heads = nn.ModuleList(
-                DistillHead(enc.embed_dim, t_dim, distill_head) for _ in range(teacher_layers)
+            if any(w < 0 for w in weights) or sum(weights) <= 0:
+                raise ValueError(f"teacher_weights must be >= 0 with a positive sum; got {weights}")
+            self.teacher_weights = weights
+            # not registered submodules: frozen, never exported, never in the optimizer
+            self.__dict__["teachers"] = [
+                build_teacher(spec, kw, default_config=self.encoder_config, seed=teacher_seed + i)
+                for i, (spec, kw) in enumerate(zip(specs, kwargs_list))
+            ]
+            self.__dict__["teacher"] = self.teachers[0]
+            heads = []
+            for spec, t in zip(specs, self.teachers):
+                with torch.no_grad():
+                    probe = t(
+                        torch.zeros(1, 3, enc.num_frames, enc.image_size, enc.image_size),
+                        return_hidden=teacher_layers,
+                    )
+                t_dim, t_pool = probe.tokens.shape[-1], probe.pooled.shape[-1]
+                if probe.tokens.shape[1] - getattr(probe, "num_prefix", 1) != enc.num_patches:
+                    raise ValueError(
+                        f"teacher {spec!r} has {probe.tokens.shape[1]} tokens per clip, the student "
+                        f"{enc.num_patches} (+cls): use the same patch size, tubelet, frames and image size"
+                    )
+                heads.append(
+                    (
+                        nn.ModuleList(
+                            DistillHead(enc.embed_dim, t_dim, distill_head) for _ in range(teacher_layers)
+                        ),
+                        DistillHead(enc.embed_out_dim, t_pool, distill_head),
+                    )
+                )
+            # the first teacher's heads keep their single-teacher names (older checkpoints load)
+            self.token_heads, self.pool_head = heads[0]
+            self.extra_heads = nn.ModuleList(
+                nn.ModuleDict({"tokens": tok, "pool": pool}) for tok, pool in heads[1:]
             )
-            self.pool_head = DistillHead(enc.embed_out_dim, t_pool, distill_head)
             self.distill_loss = CosineDistillLoss()
         self.first_val_loss: float | None = None
         self._val_losses: list[torch.Tensor] = []
@@ -148,7 +205,8 @@ class MaskedVideoStage(BaseStage):
 
     def on_fit_start(self) -> None:
         if self.target == "teacher":
-            self.teacher.to(self.device)
+            for t in self.teachers:
+                t.to(self.device)
 
     # -- masks ---------------------------------------------------------------------------------
 
@@ -162,7 +220,7 @@ class MaskedVideoStage(BaseStage):
         mask = make_mask(self.mask_type, b, grid, self.mask_ratio, attention=attention, generator=generator)
         return mask.to(batch.video.device)
 
-    def _teacher(self, video: torch.Tensor):
+    def _teacher(self, video: torch.Tensor, teacher: nn.Module | None = None):
         device_type = video.device.type
         with (
             torch.no_grad(),
@@ -170,7 +228,7 @@ class MaskedVideoStage(BaseStage):
                 device_type, dtype=torch.bfloat16, enabled=self.teacher_autocast and device_type == "cuda"
             ),
         ):
-            return self.teacher(video, return_hidden=self.teacher_layers)
+            return (teacher or self.teacher)(video, return_hidden=self.teacher_layers)
 
     # -- losses --------------------------------------------------------------------------------
 
@@ -198,24 +256,33 @@ class MaskedVideoStage(BaseStage):
                 "_pred": pred,
                 "_mask": mask,
             }
-        t_out = self._teacher(video)
-        mask = self._mask(batch, grid, t_out, generator=generator)
+        t_outs = [self._teacher(video, t) for t in self.teachers]
+        mask = self._mask(batch, grid, t_outs[0], generator=generator)
         out = self.video_encoder(video, mask=mask, return_hidden=self.teacher_layers)
         keep = ~mask
         p = self.video_encoder.num_prefix
-        tp = getattr(t_out, "num_prefix", 1)
-        token_loss = 0.0
-        for head, s_h, t_h in zip(self.token_heads, out.hidden_states, t_out.hidden_states):
-            target = t_h[:, tp:][keep].reshape(len(batch), -1, t_h.shape[-1]).float()
-            token_loss = token_loss + self.distill_loss(head(s_h[:, p:]), target)
-        token_loss = token_loss / len(self.token_heads)
-        pool_loss = self.distill_loss(self.pool_head(out.pooled)[:, None], t_out.pooled.float()[:, None])
-        loss = token_loss + pool_loss
+        heads = [(self.token_heads, self.pool_head)] + [(h["tokens"], h["pool"]) for h in self.extra_heads]
+        token_total = pool_total = 0.0
+        parts: dict[str, torch.Tensor] = {}
+        for i, ((token_heads, pool_head), t_out, w) in enumerate(zip(heads, t_outs, self.teacher_weights)):
+            tp = getattr(t_out, "num_prefix", 1)
+            token_loss = 0.0
+            for head, s_h, t_h in zip(token_heads, out.hidden_states, t_out.hidden_states):
+                target = t_h[:, tp:][keep].reshape(len(batch), -1, t_h.shape[-1]).float()
+                token_loss = token_loss + self.distill_loss(head(s_h[:, p:]), target)
+            token_loss = token_loss / len(token_heads)
+            pool_loss = self.distill_loss(pool_head(out.pooled)[:, None], t_out.pooled.float()[:, None])
+            token_total = token_total + w * token_loss
+            pool_total = pool_total + w * pool_loss
+            if len(t_outs) > 1:
+                parts[f"teacher{i}_loss"] = (token_loss + pool_loss).detach()
+        loss = token_total + pool_total
         return {
             "loss": loss,
-            "distill_loss": token_loss.detach(),
-            "pool_loss": pool_loss.detach(),
+            "distill_loss": token_total.detach(),
+            "pool_loss": pool_total.detach(),
             "recon_loss": loss.detach(),
+            **parts,
         }
 
     def compute_loss(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
@@ -226,7 +293,12 @@ class MaskedVideoStage(BaseStage):
     def _eval_step(self, batch: VideoBatch, batch_idx: int, prefix: str) -> None:
         gen = torch.Generator().manual_seed(10_000 + batch_idx)  # the same masks every epoch
         out = self._losses(batch, generator=gen)
-        for key in ("recon_loss", "recon_loss_norm", "recon_loss_raw"):
+        for key in (
+            "recon_loss",
+            "recon_loss_norm",
+            "recon_loss_raw",
+            *sorted(k for k in out if k.startswith("teacher")),
+        ):
             if key in out:
                 self.log(f"{prefix}/{key}", out[key], on_epoch=True, sync_dist=True, batch_size=len(batch))
         if prefix == "val":

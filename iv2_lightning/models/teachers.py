@@ -1,0 +1,123 @@
+"""Teachers for stage 1 that need no download.
+
+InternVideo2's stage 1 (arXiv 2403.15377, Sec. 3.1) distils two frozen teachers into the masked
+student: an image model (InternVL-6B, applied frame by frame: what things look like) and a video
+model (VideoMAEv2-g: how they move). Neither can be fetched here; frozen *random* networks can
+stand in for both roles:
+
+* the video role: a randomly initialised :class:`~iv2_lightning.models.backbone.VideoEncoder`
+  (``MaskedVideoStage(teacher="random")``);
+* the image role: :class:`ConvFrameTeacher`, a small random convolutional network run on every
+  frame, whose features are average-pooled onto the student's token grid.
+
+Why random networks can teach. Sarnthein et al. (ICML 2023, "Random Teachers are Good Teachers")
+distil randomly initialised teachers and find that the students' features probe better than the
+teachers'. Random convolutional features are also known to be decent shape descriptors (Saxe et al.,
+ICML 2011, "On Random Weights and Unsupervised Feature Learning"): the architecture (local filters,
+rectification, pooling) already makes them translation tolerant, the inductive bias a ViT lacks.
+
+What we measured on the synthetic clips (384 stage-1 steps, then 200-step attentive probes on the
+frozen student, 256 held-out clips; ``configs/stage1/tiny.yaml`` has the table):
+
+* the random video teacher (``teacher="random"``) gives a student that reads motion direction at
+  99.6% and shape at 44%; it is the tiny curriculum's stage-1 teacher;
+* :class:`ConvFrameTeacher` alone: a linear probe on its own pooled tokens reads shape at 60%, but
+  its student reads shape at only 28% (direction 98.8%), so the tiny configs do not use it. It stays
+  as the image-teacher role for experiments with two teachers (``teacher: [random, ...]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class TeacherOutput:
+    """The part of :class:`~iv2_lightning.models.backbone.VideoEncoderOutput` a stage-1 teacher
+    provides: ``tokens [B, 1 + N, D]`` (a mean token first), ``pooled [B, D]``, ``hidden_states``
+    (the token states ``return_hidden`` times, the network has one output layer) and ``num_prefix``."""
+
+    tokens: torch.Tensor
+    pooled: torch.Tensor
+    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    num_prefix: int = 1
+
+
+class ConvFrameTeacher(nn.Module):
+    """A frozen random convolutional network applied to every frame; its feature map is average-pooled
+    onto the ``patch_size`` grid and the frames of a tubelet are concatenated, so token ``(t, h, w)``
+    describes the same pixels as the student's token ``(t, h, w)``.
+
+    Three 3x3 convolutions with ReLU (the first with stride 2, each later one followed by max-pooling
+    by 2: receptive field 21 px, about one synthetic object, stride 8), ``channels`` then
+    ``2 * channels`` filters, Kaiming-normal weights drawn from ``seed``.
+    Token features are layer-normalised (no affine), as distillation targets usually are, so the
+    cosine loss compares their pattern rather than the offset all rectified features share.
+    """
+
+    def __init__(
+        self,
+        num_frames: int = 8,
+        image_size: int = 64,
+        patch_size: int = 16,
+        tubelet_size: int = 2,
+        channels: int = 32,
+        seed: int = 0,
+        in_chans: int = 3,
+    ) -> None:
+        super().__init__()
+        if image_size % patch_size or patch_size % 8:
+            raise ValueError(
+                f"ConvFrameTeacher needs patch_size to be a multiple of 8 (its stride) dividing image_size; "
+                f"got patch_size={patch_size}, image_size={image_size}"
+            )
+        if num_frames % tubelet_size:
+            raise ValueError(f"num_frames={num_frames} is not divisible by tubelet_size={tubelet_size}")
+        self.num_frames, self.image_size = num_frames, image_size
+        self.patch_size, self.tubelet_size = patch_size, tubelet_size
+        c = channels
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(
+                nn.Conv2d(in_chans, c, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(c, 2 * c, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(2 * c, 2 * c, 3, padding=1),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+            )
+            for m in self.net:
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                    nn.init.zeros_(m.bias)
+        self.embed_dim = 2 * c * tubelet_size
+        self.requires_grad_(False)
+
+    def forward(self, video: torch.Tensor, return_hidden: int = 0) -> TeacherOutput:
+        if video.ndim != 5:
+            raise ValueError(f"video must be [B, C, T, H, W]; got shape {tuple(video.shape)}")
+        b, c, t, h, w = video.shape
+        if t % self.tubelet_size or h % self.patch_size or w % self.patch_size:
+            raise ValueError(
+                f"video of shape {tuple(video.shape)} does not tile into tubelets of {self.tubelet_size} "
+                f"frames and {self.patch_size}-pixel patches"
+            )
+        frames = video.transpose(1, 2).reshape(b * t, c, h, w)
+        feats = F.adaptive_avg_pool2d(self.net(frames), (h // self.patch_size, w // self.patch_size))
+        gh, gw = feats.shape[-2:]
+        # [B*T, D, gh, gw] -> [B, T/k, gh*gw, k*D] with the tubelet's frames side by side
+        feats = feats.reshape(b, t // self.tubelet_size, self.tubelet_size, -1, gh * gw)
+        tokens = feats.permute(0, 1, 4, 2, 3).reshape(b, -1, self.embed_dim)
+        tokens = F.layer_norm(tokens, (self.embed_dim,))
+        pooled = tokens.mean(dim=1)
+        tokens = torch.cat([pooled[:, None], tokens], dim=1)
+        return TeacherOutput(tokens=tokens, pooled=pooled, hidden_states=[tokens] * max(return_hidden, 0))
+
+
+__all__ = ["ConvFrameTeacher", "TeacherOutput"]
