@@ -116,6 +116,9 @@ _RATIO_KEYS = (
     "rouge_l",
     "caption_attr_acc",
     *(f"caption_{a}_acc" for a in CAPTION_ATTRIBUTES),
+    # a stage that fuses audio/speech is also scored on the video alone (what the sound adds)
+    "caption_attr_acc_video_only",
+    *(f"caption_{a}_acc_video_only" for a in CAPTION_ATTRIBUTES),
     "generated",  # den counts generated captions with a reference (gates the BLEU computation)
 )
 
@@ -713,15 +716,21 @@ class NextTokenStage(BaseStage):
             metrics["answer_acc"].update(parts.answer_correct, parts.answer_total)
         if batch_idx < self.val_generate_batches:
             self._generation_metrics(batch, prefix, split)
+            if self.use_audio or self.use_speech:
+                self._generation_metrics(batch, self.visual_prefix(batch.video), split, suffix="_video_only")
 
-    def _generation_metrics(self, batch: VideoBatch, prefix: torch.Tensor, split: str) -> None:
+    def _generation_metrics(
+        self, batch: VideoBatch, prefix: torch.Tensor, split: str, suffix: str = ""
+    ) -> None:
+        """Greedy captions from ``prefix`` scored against the references (BLEU, ROUGE-L, text samples)
+        and the clips' attributes; with a ``suffix`` only the attribute accuracies, under that suffix."""
         metrics = self.eval_metrics[split]
         rows = self.decode(prefix, [self.bos_id, *self.prompt_ids], self.max_new_tokens)
         generated = [self.tokenizer.decode(r).strip() for r in rows]
         has_caption = batch.present("caption").tolist()
         preds = [g for g, h in zip(generated, has_caption) if h]
         refs = [c for c, h in zip(batch.captions, has_caption) if h]
-        if preds:
+        if preds and not suffix:
             metrics["bleu"].update(preds, [[r] for r in refs])
             metrics["bleu1"].update(preds, [[r] for r in refs])
             rouge = rouge_score(preds, refs, rouge_keys="rougeL")["rougeL_fmeasure"]
@@ -739,9 +748,10 @@ class NextTokenStage(BaseStage):
             found = [attributes_from_text(g) for g, _ in scored]
             per = {a: [f.get(a) == t[a] for f, (_, t) in zip(found, scored)] for a in CAPTION_ATTRIBUTES}
             for a, ok in per.items():
-                metrics[f"caption_{a}_acc"].update(sum(ok), len(ok))
-            metrics["caption_attr_acc"].update(sum(all(x) for x in zip(*per.values())), len(scored))
-
+                metrics[f"caption_{a}_acc{suffix}"].update(sum(ok), len(ok))
+            metrics[f"caption_attr_acc{suffix}"].update(sum(all(x) for x in zip(*per.values())), len(scored))
+        if suffix:
+            return
         samples = self._text_samples[split]
         for i in range(len(generated)):
             if len(samples) >= TEXT_SAMPLES:

@@ -454,3 +454,50 @@ def test_validate_and_test_write_caption_samples():
     tags = [t for t, _ in logger.texts]
     assert tags == ["val/captions", "test/captions"]
     assert "| clip | generated | reference |" in logger.texts[0][1] and "val:0" in logger.texts[0][1]
+
+
+def test_a_stage_with_audio_is_also_scored_on_the_video_alone():
+    stage = make_stage(
+        max_new_tokens=6,
+        val_generate_batches=1,
+        use_audio=True,
+        audio={"dim": 32, "depth": 1, "num_heads": 2},
+        fusion={"dim": 64, "num_heads": 2},
+    )
+    trainer = L.Trainer(
+        accelerator="cpu",
+        logger=False,
+        limit_val_batches=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    dm = datamodule(modalities=["caption", "qa", "audio"])
+    trainer.validate(stage, dm)
+    metrics = trainer.callback_metrics
+    for key in ("caption_attr_acc", "caption_shape_acc"):
+        assert 0.0 <= float(metrics[f"val/{key}"]) <= 1.0
+        assert 0.0 <= float(metrics[f"val/{key}_video_only"]) <= 1.0
+    # the video-only score decodes from the video prefix alone: it matches caption(video)
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    stage.eval()
+    with torch.no_grad():
+        alone = stage.caption(batch.video, max_new_tokens=6)
+        with_audio = stage.caption(batch, max_new_tokens=6)
+        assert not torch.allclose(stage.batch_prefix(batch), stage.visual_prefix(batch.video))  # audio counts
+    from iv2_lightning.data.synthetic import attributes_from_text
+
+    hits = [
+        attributes_from_text(c).get("shape") == m["attributes"]["shape"] for c, m in zip(alone, batch.meta)
+    ]
+    hits_audio = [
+        attributes_from_text(c).get("shape") == m["attributes"]["shape"]
+        for c, m in zip(with_audio, batch.meta)
+    ]
+    assert float(metrics["val/caption_shape_acc_video_only"]) == pytest.approx(sum(hits) / len(hits))
+    assert float(metrics["val/caption_shape_acc"]) == pytest.approx(sum(hits_audio) / len(hits_audio))
+    # a video-only stage logs no such keys
+    plain = make_stage(max_new_tokens=4, val_generate_batches=1)
+    trainer.validate(plain, datamodule())
+    assert not any(k.endswith("_video_only") for k in trainer.callback_metrics)
