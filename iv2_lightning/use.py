@@ -45,6 +45,7 @@ from rich.console import Console
 from torch.utils.data import DataLoader, Dataset
 
 from iv2_lightning.data.annotations import load_annotations
+from iv2_lightning.data.batch import VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.transforms import VideoTransform
 from iv2_lightning.data.video_io import VideoDecodeError, read_clip
 from iv2_lightning.stages.base import BaseStage
@@ -578,12 +579,24 @@ def _load_next_token(ckpt: str):
     return model
 
 
-def _read_for(model: Any, path: str) -> torch.Tensor:
+def _read_for(model: Any, path: str) -> torch.Tensor | VideoSample:
+    """The clip as ``model`` reads it: the video tensor, or, for a stage that fuses audio, a sample
+    with the file's audio track as fbank features (a file without one leaves the audio gated off)."""
     enc = model.video_encoder
     try:
-        return load_video(path, enc.num_frames, enc.image_size)
+        if not getattr(model, "use_audio", False):
+            return load_video(path, enc.num_frames, enc.image_size)
+        clip = read_clip(path, num_frames=enc.num_frames, sampling="middle", size=enc.image_size, audio=True)
+        video = VideoTransform(enc.image_size, train=False)(clip.video)
+        return VideoSample(video=video, sample_id=0, audio=clip.audio, meta={"path": path})
     except (VideoDecodeError, OSError, ValueError) as err:
         raise UseError(str(err)) from err
+
+
+def _model_input(clips: list[torch.Tensor | VideoSample]) -> torch.Tensor | VideoBatch:
+    if isinstance(clips[0], VideoSample):
+        return VideoCollate()(clips)
+    return torch.stack(clips)
 
 
 def caption_main(argv: list[str] | None = None) -> int:
@@ -612,7 +625,7 @@ def caption_main(argv: list[str] | None = None) -> int:
                 failed += 1
                 err_console.print(f"[yellow]skipped[/yellow] {err}")
         if clips:
-            for path, caption in zip(paths, model.caption(torch.stack(clips), **sampling)):
+            for path, caption in zip(paths, model.caption(_model_input(clips), **sampling)):
                 print(f"{path}: {caption}")
     return 1 if failed else 0
 
@@ -649,7 +662,7 @@ def chat_main(argv: list[str] | None = None) -> int:
     try:
         sampling = _sampling(args)
         model = _load_next_token(args.ckpt)
-        video = _read_for(model, args.video)
+        video = _model_input([_read_for(model, args.video)])
     except UseError as err:
         err_console.print(f"[red]iv2 chat: error:[/red] {err}")
         return 2

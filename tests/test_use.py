@@ -22,6 +22,7 @@ from iv2_lightning.cli import main as iv2_main
 from iv2_lightning.data.batch import VideoCollate, VideoSample
 from iv2_lightning.data.datamodules import VideoDataModuleBase
 from iv2_lightning.data.synthetic import synth_main
+from iv2_lightning.data.video_io import read_clip
 from iv2_lightning.lightning_cli import IV2CLI, make_cli
 from iv2_lightning.stages.base import BaseStage
 from iv2_lightning.stages.contrastive import ContrastiveStage
@@ -265,13 +266,25 @@ def test_checkpoint_forms_and_wrong_stage(trained, tmp_path, capsys):
 # ----------------------------------------------------------------------------- caption + chat
 
 
+def _with_audio(path: str) -> VideoSample:
+    """The clip as the tiny stage 3 reads it: the frames and the file's sound track as fbank."""
+    audio = read_clip(path, num_frames=8, sampling="middle", size=32, audio=True).audio
+    assert audio is not None and audio.shape[-1] == 128  # `iv2 synth` writes the sound track
+    return VideoSample(video=load_video(path, 8, 32), sample_id=0, audio=audio)
+
+
 def test_caption(trained, stage3, tmp_path, capsys):
     videos = [str(p) for p in _videos(trained)[:2]]
     broken = tmp_path / "broken.mp4"
     broken.write_bytes(b"not a video" * 40)
     assert caption_main(["--ckpt", str(trained["stage3"]), *videos]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    expected = stage3.caption(torch.stack([load_video(v, 8, 32) for v in videos]))  # greedy
+    # the tiny stage 3 fuses the sound: the command reads each file's audio track too
+    assert stage3.use_audio
+    batch = VideoCollate()([_with_audio(v) for v in videos])
+    with torch.no_grad():
+        assert not torch.allclose(stage3.batch_prefix(batch), stage3.visual_prefix(batch.video))
+    expected = stage3.caption(batch)  # greedy
     assert lines == [f"{v}: {c}" for v, c in zip(videos, expected)]
     # an unreadable file is reported and skipped, the others are still captioned
     assert caption_main(["--ckpt", str(trained["stage3"]), str(broken), videos[0]]) == 1
@@ -286,27 +299,27 @@ def test_caption(trained, stage3, tmp_path, capsys):
 
 def test_chat_questions_and_stdin(trained, stage3, monkeypatch, capsys):
     video_path = str(_videos(trained)[0])
-    video = load_video(video_path, 8, 32)
+    video = VideoCollate()([_with_audio(video_path)])
     q1, q2 = "what color is it?", "which way does it move?"
     assert chat_main(["--ckpt", str(trained["stage3"]), video_path, "--question", q1, "--question", q2]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    out = [line.rstrip() for line in capsys.readouterr().out.strip().splitlines()]
     a1 = stage3.chat(video, q1)
     a2 = stage3.chat(video, q2, history=[(q1, a1)])  # the second turn sees the first
-    assert out == [f"Q: {q1}", f"A: {a1}", f"Q: {q2}", f"A: {a2}"]
+    assert out == [f"Q: {q1}", f"A: {a1}".rstrip(), f"Q: {q2}", f"A: {a2}".rstrip()]  # an answer may be empty
 
     # stdin, one question per line; /reset forgets the conversation, /quit ends it
     monkeypatch.setattr(sys, "stdin", io.StringIO(f"{q1}\n\n{q2}\n/reset\n{q2}\n/quit\n{q1}\n"))
     assert chat_main(["--ckpt", str(trained["stage3"]), video_path]) == 0
-    out = capsys.readouterr().out.strip().splitlines()
+    out = [line.rstrip() for line in capsys.readouterr().out.strip().splitlines()]
     fresh = stage3.chat(video, q2)
     assert out == [
         f"Q: {q1}",
-        f"A: {a1}",
+        f"A: {a1}".rstrip(),
         f"Q: {q2}",
-        f"A: {a2}",
+        f"A: {a2}".rstrip(),
         "(conversation reset)",
         f"Q: {q2}",
-        f"A: {fresh}",
+        f"A: {fresh}".rstrip(),
     ]
 
 
