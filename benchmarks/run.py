@@ -1086,7 +1086,7 @@ def run_data(s: Settings, out: dict, meta: dict) -> None:
         "loop": loop,
         "loop_workers": 1,
         "s14_consumer": f"MaskedVideoStage s14 ({s.s14_consumer_depth} blocks), tube mask 0.9, batch 1, AdamW",
-        "tiny_consumer": "MaskedVideoStage tiny as configs/stage1/tiny.yaml (patch 16, tubelet 2, mask 0.75, decoder 96x1), batch 32, AdamW",
+        "tiny_consumer": "MaskedVideoStage tiny with the pixel target (patch 16, tubelet 2, mask 0.75, decoder 96x1; the tiny config now distils a random teacher), batch 32, AdamW",
         "decode": decode,
     }
 
