@@ -12,6 +12,7 @@ from iv2_lightning.curriculum import CurriculumConfigError, curriculum_main, loa
 from iv2_lightning.stages.weights import read_state_dict
 
 SMOKE = Path(__file__).parent / "fixtures" / "curriculum_smoke.yaml"
+LEARN = Path(__file__).parent / "fixtures" / "curriculum_learn.yaml"
 
 
 @pytest.mark.slow
@@ -43,6 +44,21 @@ def test_smoke_curriculum_runs_skips_and_resumes(tmp_path):
     assert curriculum_main(["--config", str(SMOKE), "--output-dir", str(out)]) == 0
     manifest = json.loads((out / "stage3" / "export" / "manifest.json").read_text())
     assert manifest["global_step"] == step_before  # nothing redone: it was already at max_epochs
+
+
+@pytest.mark.slow
+def test_shortened_curriculum_beats_chance_at_every_stage(tmp_path):
+    """The tiny configs cut to ~80 s on 32 x 32 clips. Chance: 25% for colour and direction; text->video
+    R@5 with attribute hits ~8% on 64 clips (about one clip per colour x shape x direction).
+    Measured when written: ratio 0.076, R@5 68.8, caption colour 0.94, probe 0.89, control 0.25."""
+    out = tmp_path / "run"
+    assert curriculum_main(["--config", str(LEARN), "--output-dir", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stage1"]["recon_loss_ratio"] <= 0.6  # the held-out distillation loss fell
+    assert summary["stage2"]["t2v_r5_attr"] >= 40.0  # 5x chance
+    assert summary["stage3"]["caption_color_acc"] >= 0.6
+    assert summary["action"]["acc"] >= 0.6
+    assert summary["action"]["acc_no_temporal"] <= 0.4  # order-free: chance, whatever the training
 
 
 def test_bad_curriculum_files_name_the_key(tmp_path):
