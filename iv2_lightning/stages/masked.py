@@ -148,15 +148,15 @@ class MaskedVideoStage(BaseStage):
             )
         else:
             specs = [teacher] if isinstance(teacher, str) else list(teacher)
-            if teacher_kwargs is None or isinstance(teacher_kwargs, dict):
-                kwargs_list = [teacher_kwargs] * len(specs) if len(specs) == 1 else [None] * len(specs)
-                if teacher_kwargs and len(specs) > 1:
-                    raise ValueError(
-                        f"teacher names {len(specs)} teachers: give teacher_kwargs as a list of "
-                        f"{len(specs)} dicts (null for none)"
-                    )
-            else:
+            if isinstance(teacher_kwargs, list):
                 kwargs_list = list(teacher_kwargs)
+            elif len(specs) == 1 or not teacher_kwargs:
+                kwargs_list = [teacher_kwargs] * len(specs)
+            else:
+                raise ValueError(
+                    f"teacher names {len(specs)} teachers: give teacher_kwargs as a list of "
+                    f"{len(specs)} dicts (null for none)"
+                )
             weights = [1.0] * len(specs) if teacher_weights is None else [float(w) for w in teacher_weights]
             if len(kwargs_list) != len(specs) or len(weights) != len(specs):
                 raise ValueError(
