@@ -258,16 +258,12 @@ class BaseStage(L.LightningModule):
                 "(a frozen module, or a typo: use module names such as video_encoder.blocks)"
             )
         out = []
-        for no_decay in (False, True):  # decayed groups first, as before lr_mult existed
-            for (mult, nd), params in sorted(groups.items(), key=lambda kv: -kv[0][0]):
-                if nd == no_decay:
-                    group: dict[str, Any] = {
-                        "params": params,
-                        "weight_decay": 0.0 if nd else self.weight_decay,
-                    }
-                    if mult != 1.0:
-                        group["lr"] = self.lr * mult
-                    out.append(group)
+        # decayed groups first (the order before lr_mult existed), each by decreasing rate
+        for (mult, nd), params in sorted(groups.items(), key=lambda kv: (kv[0][1], -kv[0][0])):
+            group: dict[str, Any] = {"params": params, "weight_decay": 0.0 if nd else self.weight_decay}
+            if mult != 1.0:
+                group["lr"] = self.lr * mult
+            out.append(group)
         return out
 
     def configure_optimizers(self):
