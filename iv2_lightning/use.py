@@ -185,10 +185,23 @@ def load_video(
 ) -> torch.Tensor:
     """Normalised ``[3, num_frames, image_size, image_size]`` as the evaluation data reads a clip:
     sparse segment sampling at segment middles, short side resized, centre crop, ImageNet mean/std."""
+    return load_clip(path, num_frames, image_size, start, end)[0]
+
+
+def load_clip(
+    path: str | os.PathLike,
+    num_frames: int,
+    image_size: int,
+    start: float | None = None,
+    end: float | None = None,
+    audio: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(video, audio)``: the video as :func:`load_video` reads it and, with ``audio=True``, the
+    file's sound track as kaldi fbank ``[F, 128]`` (None when the file has none)."""
     clip = read_clip(
-        path, num_frames=num_frames, sampling="middle", size=image_size, start=start, end=end, audio=False
+        path, num_frames=num_frames, sampling="middle", size=image_size, start=start, end=end, audio=audio
     )
-    return VideoTransform(image_size, train=False)(clip.video)
+    return VideoTransform(image_size, train=False)(clip.video), clip.audio
 
 
 class _Clips(Dataset):
@@ -586,9 +599,8 @@ def _read_for(model: Any, path: str) -> torch.Tensor | VideoSample:
     try:
         if not getattr(model, "use_audio", False):
             return load_video(path, enc.num_frames, enc.image_size)
-        clip = read_clip(path, num_frames=enc.num_frames, sampling="middle", size=enc.image_size, audio=True)
-        video = VideoTransform(enc.image_size, train=False)(clip.video)
-        return VideoSample(video=video, sample_id=0, audio=clip.audio, meta={"path": path})
+        video, audio = load_clip(path, enc.num_frames, enc.image_size, audio=True)
+        return VideoSample(video=video, sample_id=0, audio=audio, meta={"path": path})
     except (VideoDecodeError, OSError, ValueError) as err:
         raise UseError(str(err)) from err
 
