@@ -52,7 +52,7 @@ from iv2_lightning.io import (
     newest_readable_checkpoint,
     write_json_atomic,
 )
-from iv2_lightning.stages.weights import MANIFEST_FILE, export_problem
+from iv2_lightning.models.weights import MANIFEST_FILE, export_problem
 
 log = logging.getLogger(__name__)
 console = Console()

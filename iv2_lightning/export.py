@@ -30,7 +30,13 @@ from typing import Any
 
 import torch
 
-from iv2_lightning.stages.weights import MANIFEST_FILE, WEIGHTS_FILE, export_shared_weights
+from iv2_lightning.models.weights import (
+    MANIFEST_FILE,
+    SHARED_MODULES,
+    WEIGHTS_FILE,
+    export_shared_weights,
+    unwrap_stage_keys,
+)
 
 #: classes a DeepSpeed ZeRO checkpoint pickles besides tensors and builtins (seen with DeepSpeed 0.19):
 #: the loss scaler's state, the ZeRO stage enum and the (start, numel) address of a tensor fragment.
@@ -140,7 +146,7 @@ def read_checkpoint(
     source: str | os.PathLike, trust: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], str]:
     """(tensors, checkpoint metadata, format) of a .ckpt, a ZeRO folder or an export."""
-    from iv2_lightning.stages.weights import read_state_dict
+    from iv2_lightning.models.weights import read_state_dict
 
     path = Path(source)
     if not path.exists():
@@ -179,11 +185,9 @@ class _Tensors:
 def shared_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors of the shared modules, as separate fp32 CPU tensors (a ZeRO reader may hand out
     views into one flat buffer, which safetensors refuses to write)."""
-    from iv2_lightning.stages.base import SHARED_MODULES
-
     out = {
         k: v.detach().to("cpu", torch.float32).clone().contiguous()
-        for k, v in state.items()
+        for k, v in unwrap_stage_keys(state).items()
         if k.split(".", 1)[0] in SHARED_MODULES and v.is_floating_point()
     }
     if not out:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import lightning as L
 
-from iv2_lightning.stages.weights import export_shared_weights
+from iv2_lightning.models.weights import export_shared_weights
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +37,9 @@ class StageTransition(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.started = time.time()
         frozen = getattr(pl_module, "frozen_modules", lambda: [])()
+        model = getattr(pl_module, "model", pl_module)  # a stage keeps its torch model under `model`
         training = [
-            n for n, c in pl_module.named_children() if n not in frozen and any(True for _ in c.parameters())
+            n for n, c in model.named_children() if n not in frozen and any(True for _ in c.parameters())
         ]
         if trainer.is_global_zero:
             log.info(
@@ -66,5 +67,6 @@ class StageTransition(L.Callback):
             "seconds": round(time.time() - self.started, 1),
             "complete": True,
         }
-        folder = export_shared_weights(pl_module, self.resolve_dir(trainer), manifest)
+        model = getattr(pl_module, "model", pl_module)
+        folder = export_shared_weights(model, self.resolve_dir(trainer), manifest)
         log.info("stage %s: exported shared weights to %s", manifest["stage"], folder)

@@ -1,29 +1,38 @@
-"""BaseStage: what every curriculum stage shares, so each stage file holds only its objective.
+"""BaseStage: the Lightning shell every curriculum stage shares, so a stage file holds only its objective.
 
-* the shared modules live under fixed attribute names (:data:`SHARED_MODULES`), so weights move
-  from stage to stage by name (``init_from``) and ``StageTransition`` knows what to export;
-* AdamW with betas (0.9, 0.98) and weight decay 0.05 except norms, biases, positional embeddings,
-  tokens and temperatures (the official InternVideo2 recipe), linear warmup then cosine decay
-  (torch's ``SequentialLR`` of ``LinearLR`` and ``CosineAnnealingLR``), stepped every batch;
-* ``freeze``: parameter names or prefixes that do not train (kept out of the optimizer, put in
-  eval mode);
-* non-finite inputs (video, audio), losses or gradients: the step is skipped (no optimizer update)
-  and counted (``train/bad_steps``); ``max_bad_steps`` in a row stop the run with a message that
-  says so;
-* the gradient norm is logged before each optimizer step (``train/grad_norm``, before clipping).
+A stage is a torch model (``models/``: the math, usable in a plain PyTorch loop) plus a thin
+LightningModule that builds it, calls it in ``training_step`` and logs. This template follows
+torchgeo's ``trainers/base.py`` (``BaseTask``): the constructor saves the hyperparameters and calls the
+hooks, so a subclass overrides hooks and has nothing to remember to call:
 
-The structure follows torchgeo's ``trainers/base.py``: one base that owns the optimizer and the
-bookkeeping, small subclasses that override ``build``-time modules and ``compute_loss``.
+* :meth:`configure_model` (abstract) returns the stage's torch model, kept as ``self.model``; it
+  holds the shared modules under fixed names (:data:`SHARED_MODULES`), so weights move from stage to
+  stage by name (``init_from``) and ``StageTransition`` knows what to export;
+* :meth:`configure_metrics` (optional) builds the torchmetrics the stage updates in evaluation;
+* :meth:`compute_loss` (abstract) returns a dict with a ``loss`` tensor (other scalar entries are
+  logged as ``train/<key>``);
+* :meth:`batch_contract` (optional) names the batch fields each switched-on loss term needs; a fit
+  whose data does not provide one fails at the start, naming the term and the field.
+
+What the base owns for every stage: ``init_from`` (loaded into the model after it is built) and
+``freeze`` (parameter names or prefixes of the model that do not train, kept out of the optimizer and
+put in eval mode); AdamW with betas (0.9, 0.98) and weight decay 0.05 except norms, biases,
+positional embeddings, tokens and temperatures (the official InternVideo2 recipe) and per-prefix
+learning-rate multipliers (``lr_mult``); linear warmup then cosine decay, stepped every batch; bad
+steps: non-finite inputs (video, audio), losses or gradients skip the step (no optimizer update) and
+are counted (``train/bad_steps``), and ``max_bad_steps`` in a row stop the run with a message that
+says so; the gradient norm is logged before each optimizer step (``train/grad_norm``, before
+clipping). Names in ``freeze``, ``lr_mult`` and ``init_prefix_map`` are relative to the model
+(``video_encoder.blocks``), as in an export.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import abc
 import json
 import logging
 import math
-import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import lightning as L
@@ -34,12 +43,9 @@ from iv2_lightning.data.batch import VideoBatch
 from iv2_lightning.models.audio import AudioEncoder
 from iv2_lightning.models.backbone import VideoEncoder, preset_config
 from iv2_lightning.models.text import HFTextEncoder, TextEncoder, build_tokenizer
-from iv2_lightning.stages.weights import load_shared_weights
+from iv2_lightning.models.weights import SHARED_MODULES, STAGE_MODEL_PREFIX, load_shared_weights
 
 log = logging.getLogger(__name__)
-
-#: attribute names of the modules that pass from one stage to the next
-SHARED_MODULES = ("video_encoder", "temporal_encoder", "text_encoder", "audio_encoder", "fusion")
 
 _NO_DECAY_NAMES = (
     "pos_embed",
@@ -52,6 +58,9 @@ _NO_DECAY_NAMES = (
     "gamma",
 )
 
+#: batch fields a stage's loss terms can ask for (``VideoBatch.present`` names; ``qa`` = dialogue turns)
+BATCH_FIELDS = ("video", "audio", "caption", "speech", "label", "qa")
+
 
 def deepspeed_zero_stage(strategy: Any) -> int | None:
     """The ZeRO stage of a DeepSpeed strategy (read from its config dict), None for any other strategy."""
@@ -60,37 +69,30 @@ def deepspeed_zero_stage(strategy: Any) -> int | None:
     return int(zero.get("stage", 0)) if isinstance(zero, dict) else None
 
 
-def zero3_blockers(model: nn.Module) -> list[str]:
-    """Submodules that DeepSpeed ZeRO-3 cannot train: they own parameters directly and their
-    ``forward`` returns a dataclass.
-
-    ZeRO-3 gathers a module's partitioned parameters again for the backward pass from hooks on the
-    tensors the module returns, and it finds tensors only in tensors, tuples, lists and dicts: the
-    parameters of such a module stay empty in the backward pass, which then fails
-    ("The size of tensor a (0) must match the size of tensor b ...")."""
-    found = []
-    for name, module in model.named_modules():
-        own = [n for n, _ in module.named_parameters(recurse=False)]
-        if not name or not own:
-            continue
-        try:
-            returns = typing.get_type_hints(type(module).forward).get("return")
-        except Exception:  # unresolvable annotations: nothing known
-            continue
-        if isinstance(returns, type) and dataclasses.is_dataclass(returns):
-            found.append(f"{name} ({type(module).__name__} owns {own} and returns {returns.__name__})")
-    return found
+def batch_fields_of(batch: VideoBatch) -> set[str]:
+    """The fields a batch carries at all (a field can still be missing for some of its clips)."""
+    carried = {
+        "video": batch.video,
+        "audio": batch.audio,
+        "caption": batch.caption_ids,
+        "speech": batch.speech_ids,
+        "label": batch.label,
+        "qa": batch.dialogue_ids,
+    }
+    return {name for name, value in carried.items() if value is not None}
 
 
-class BaseStage(L.LightningModule):
-    """Shared optimizer, schedule, ``init_from``, ``freeze`` and bad-step handling.
+class BaseStage(L.LightningModule, abc.ABC):
+    """Shared optimizer, schedule, ``init_from``, ``freeze`` and bad-step handling around ``self.model``.
 
     Subclasses take their own arguments and forward the rest with ``**kwargs`` (jsonargparse follows
     ``**kwargs`` into this signature, so configs and typo checks see every argument; Lightning's
-    ``save_hyperparameters`` records both). They build their modules in ``__init__`` (after
-    ``super().__init__(**kwargs)``), then call
-    :meth:`finish_init`, and define ``compute_loss(batch) -> dict`` returning a ``loss`` tensor
-    (other scalar entries are logged as ``train/<key>``); ``training_step`` calls it.
+    ``save_hyperparameters`` records both) and read their own arguments from ``self.hparams`` in the
+    hooks, which this constructor calls.
+
+    ``num_frames``, ``image_size``, ``tokenizer`` and ``max_audio_frames`` come from the data (the CLI
+    links them); ``data_fields`` too: the batch fields the data provides, which the batch contract is
+    checked against (and stages may default their loss terms to).
     """
 
     stage_name = "base"
@@ -102,6 +104,8 @@ class BaseStage(L.LightningModule):
         num_frames: int | None = None,
         image_size: int | None = None,
         tokenizer: str = "byte",
+        max_audio_frames: int | None = None,
+        data_fields: list[str] | None = None,
         lr: float = 1e-3,
         weight_decay: float = 0.05,
         betas: tuple[float, float] = (0.9, 0.98),
@@ -128,27 +132,58 @@ class BaseStage(L.LightningModule):
         self.encoder_config = preset_config(preset, **self.encoder_overrides)
         self.tokenizer_name = tokenizer
         self.tokenizer = build_tokenizer(tokenizer)
+        self.max_audio_frames = max_audio_frames
+        unknown = sorted(set(data_fields or ()) - set(BATCH_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"data_fields: unknown field(s) {unknown}; expected names from {list(BATCH_FIELDS)}"
+            )
+        self.data_fields = None if data_fields is None else {"video", *data_fields}
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
         self.eps = eps
         self.warmup = warmup
         self.min_lr_ratio = min_lr_ratio
-        self.init_from = init_from
-        self.init_prefix_map = init_prefix_map
-        self.init_strict = init_strict
-        self.freeze_names = list(freeze or [])
         self.lr_mult = {str(k): float(v) for k, v in (lr_mult or {}).items()}
         for key, mult in self.lr_mult.items():
             if not (math.isfinite(mult) and mult > 0):
                 raise ValueError(f"lr_mult[{key!r}] must be a positive number; got {mult}")
+        self.freeze_names = list(freeze or [])
         self.max_bad_steps = max_bad_steps
         self.bad_steps_in_a_row = 0
         self.bad_steps_total = 0
         self._step_was_bad = False
+        self._contract_checked = False
+        self.model = self.configure_model()
+        self.configure_metrics()
         self.init_report: dict[str, Any] | None = None
+        if init_from:
+            self.init_report = load_shared_weights(
+                self.model, init_from, prefix_map=init_prefix_map, strict=init_strict
+            )
+        if self.freeze_names:
+            self.freeze_parameters(self.freeze_names)
 
-    # -- construction --------------------------------------------------------------------------
+    # -- hooks for subclasses ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def configure_model(self) -> nn.Module:
+        """Build and return the stage's torch model (kept as ``self.model``)."""
+
+    def configure_metrics(self) -> None:
+        """Build the stage's evaluation metrics (torchmetrics ``Metric`` attributes); none by default."""
+
+    @abc.abstractmethod
+    def compute_loss(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
+        """The training objective of one batch: ``{"loss": tensor, **scalars_to_log}``."""
+
+    def batch_contract(self) -> Mapping[str, Iterable[str]]:
+        """``{loss term: batch fields it needs}`` for the terms switched on (names in
+        :data:`BATCH_FIELDS`); checked when a fit starts. Nothing by default."""
+        return {}
+
+    # -- construction helpers ------------------------------------------------------------------
 
     def build_video_encoder(self) -> VideoEncoder:
         return VideoEncoder(**self.encoder_config)
@@ -162,22 +197,18 @@ class BaseStage(L.LightningModule):
         return TextEncoder(**cfg)
 
     def build_audio_encoder(self, config: dict[str, Any] | None = None) -> nn.Module:
-        return AudioEncoder(**(config or {}))
-
-    def finish_init(self) -> None:
-        """Load ``init_from`` and apply ``freeze``; call at the end of a subclass ``__init__``."""
-        if self.init_from:
-            self.init_report = load_shared_weights(
-                self, self.init_from, prefix_map=self.init_prefix_map, strict=self.init_strict
-            )
-        if self.freeze_names:
-            self.freeze_parameters(self.freeze_names)
+        """An :class:`AudioEncoder`; its ``max_frames`` follows the data's ``max_audio_frames`` unless
+        ``config`` sets it."""
+        cfg = dict(config or {})
+        if self.max_audio_frames is not None:
+            cfg.setdefault("max_frames", self.max_audio_frames)
+        return AudioEncoder(**cfg)
 
     def shared_modules(self) -> dict[str, nn.Module]:
         return {
-            name: getattr(self, name)
+            name: getattr(self.model, name)
             for name in SHARED_MODULES
-            if isinstance(getattr(self, name, None), nn.Module)
+            if isinstance(getattr(self.model, name, None), nn.Module)
         }
 
     def architecture(self) -> dict[str, Any]:
@@ -188,10 +219,11 @@ class BaseStage(L.LightningModule):
         return json.loads(json.dumps(arch, default=str))
 
     def freeze_parameters(self, names: Iterable[str]) -> list[str]:
+        """Stop the model's parameters named ``names`` (or under those prefixes) from training."""
         names = list(names)
         frozen = []
         matched = dict.fromkeys(names, False)
-        for pname, p in self.named_parameters():
+        for pname, p in self.model.named_parameters():
             for n in names:
                 if pname == n or pname.startswith(n.rstrip(".") + "."):
                     p.requires_grad_(False)
@@ -199,37 +231,61 @@ class BaseStage(L.LightningModule):
                     matched[n] = True
         unmatched = [n for n, ok in matched.items() if not ok]
         if unmatched:
-            top = sorted({k.split(".")[0] for k, _ in self.named_parameters()})
+            top = sorted({k.split(".")[0] for k, _ in self.model.named_parameters()})
             raise ValueError(f"freeze: no parameter matches {unmatched}; top-level modules are {top}")
         return frozen
 
     def frozen_modules(self) -> list[str]:
-        """Top-level children whose parameters are all frozen."""
+        """Top-level children of the model whose parameters are all frozen."""
         out = []
-        for name, child in self.named_children():
+        for name, child in self.model.named_children():
             params = list(child.parameters())
             if params and not any(p.requires_grad for p in params):
                 out.append(name)
         return out
 
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Checkpoints written before the stages held a separate torch model name its tensors without
+        the ``model.`` prefix: add it, so they still load."""
+        state = checkpoint.get("state_dict")
+        if isinstance(state, dict) and state and not any(k.startswith(STAGE_MODEL_PREFIX) for k in state):
+            checkpoint["state_dict"] = {STAGE_MODEL_PREFIX + k: v for k, v in state.items()}
+
+    # -- the batch contract --------------------------------------------------------------------
+
+    def check_batch_contract(self, provided: Iterable[str], source: str) -> None:
+        """Fail naming the term and the field when a switched-on loss term needs a field that
+        ``provided`` lacks."""
+        provided = set(provided)
+        missing = {
+            term: sorted(set(fields) - provided)
+            for term, fields in self.batch_contract().items()
+            if not set(fields) <= provided
+        }
+        if missing:
+            what = "; ".join(f"term {t!r} needs {', '.join(f)}" for t, f in missing.items())
+            raise ValueError(
+                f"{type(self).__name__}: {what}, which {source} does not provide (it provides "
+                f"{sorted(provided)}). Set those terms' weights to 0, or add the fields to the data."
+            )
+
     def setup(self, stage: str) -> None:
-        zero = deepspeed_zero_stage(self._trainer.strategy) if self._trainer is not None else None
-        if zero == 3:
-            blockers = zero3_blockers(self)
-            if blockers:
-                raise RuntimeError(
-                    f"DeepSpeed ZeRO stage 3 cannot train {type(self).__name__}: "
-                    + "; ".join(blockers)
-                    + ". ZeRO-3 gathers a module's parameters for the backward pass through hooks on the "
-                    "tensors the module returns and cannot look inside a dataclass, so the backward pass "
-                    "would fail. Use configs/strategy/deepspeed_zero2.yaml or deepspeed_zero1.yaml (the "
-                    "official InternVideo2 recipe trains 1B and 6B with ZeRO-1); `iv2 estimate` prints "
-                    "the memory each needs."
-                )
+        if stage != "fit":
+            return
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        fields = getattr(datamodule, "batch_fields", None)
+        if fields is not None:
+            self.check_batch_contract(fields, f"the data ({type(datamodule).__name__})")
+            self._contract_checked = True
+        elif self.data_fields is not None:
+            self.check_batch_contract(self.data_fields, "the data (data_fields)")
+            self._contract_checked = True
 
     def on_train_epoch_start(self) -> None:
         for name in self.frozen_modules():
-            getattr(self, name).eval()  # no dropout / drop-path / batch statistics in frozen parts
+            getattr(self.model, name).eval()  # no dropout / drop-path / batch statistics in frozen parts
 
     # -- optimisation --------------------------------------------------------------------------
 
@@ -241,7 +297,7 @@ class BaseStage(L.LightningModule):
         prefixes = sorted(self.lr_mult, key=len, reverse=True)
         used: set[str] = set()
         groups: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, False): [], (1.0, True): []}
-        for name, p in self.named_parameters():
+        for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
             leaf = name.rsplit(".", 1)[-1]
@@ -321,6 +377,10 @@ class BaseStage(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_was_bad = False
+        if not self._contract_checked and isinstance(batch, VideoBatch):
+            # data that declares nothing: the first batch shows which fields it carries
+            self.check_batch_contract(batch_fields_of(batch), "the first training batch")
+            self._contract_checked = True
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # after the optimizer step: only a step whose input, loss and gradients were all finite

@@ -22,12 +22,31 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from iv2_lightning.io import atomic_path, sha256_file, write_json_atomic
+from iv2_lightning.files import atomic_path, sha256_file, write_json_atomic
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "weights.safetensors"
 MANIFEST_FILE = "manifest.json"
+
+#: attribute names of the modules that pass from one stage to the next: every stage's torch model
+#: keeps them under these names, so an export of one stage loads into the next by name
+SHARED_MODULES = ("video_encoder", "temporal_encoder", "text_encoder", "audio_encoder", "fusion")
+
+#: the attribute under which a Lightning stage holds its torch model (checkpoint keys ``model.*``)
+STAGE_MODEL_PREFIX = "model."
+
+
+def unwrap_stage_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The keys of a stage checkpoint's ``state_dict`` relative to the torch model.
+
+    A stage keeps its torch model under ``model``, so its checkpoint names ``model.video_encoder.*``;
+    exports and ``init_from`` use the model's own names (``video_encoder.*``). Checkpoints written
+    before the stages held a separate model have no prefix and are returned as they are."""
+    if not any(k.startswith(STAGE_MODEL_PREFIX) for k in state):
+        return state
+    n = len(STAGE_MODEL_PREFIX)
+    return {k[n:]: v for k, v in state.items() if k.startswith(STAGE_MODEL_PREFIX)}
 
 
 class WeightsMismatchError(ValueError):
@@ -85,7 +104,7 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise ValueError(f"init_from: {path} holds no state_dict")
-    return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}, manifest
+    return unwrap_stage_keys({k: v for k, v in state.items() if isinstance(v, torch.Tensor)}), manifest
 
 
 def load_shared_weights(
@@ -105,8 +124,6 @@ def load_shared_weights(
     tubelet size or frame count). Returns a report with the loaded, missing, unexpected and adapted
     keys, which is also logged.
     """
-    from iv2_lightning.stages.base import SHARED_MODULES
-
     state, manifest = read_state_dict(source)
     for old, new in (prefix_map or {}).items():
         state = {(new + k[len(old) :] if k.startswith(old) else k): v for k, v in state.items()}
@@ -175,8 +192,6 @@ def export_shared_weights(model: nn.Module, folder: str | os.PathLike, manifest:
     that finds a manifest finds complete weights; the manifest records the weights file's size and
     sha256, so a reader can also tell when the weights were damaged or replaced afterwards.
     """
-    from iv2_lightning.stages.base import SHARED_MODULES
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {

@@ -1,0 +1,202 @@
+"""Files that survive a kill and files that are safe to read: pure Python + torch, no Lightning.
+
+* :func:`atomic_write` (and :func:`write_bytes_atomic` / :func:`write_text_atomic` /
+  :func:`write_json_atomic`, :func:`atomic_path`): the bytes go to ``.<name>.partial`` in the
+  destination's own folder, are flushed to disk, and the file is renamed over the destination
+  (``os.replace``, atomic within one filesystem). A reader finds the old file or the new one, never
+  half of one; a kill leaves at most the ``.partial`` file, which the next write replaces.
+* :func:`load_checkpoint_file`: ``torch.load(weights_only=True)`` with errors that name the file;
+  a pickle that would run code is refused (:class:`UnsafeCheckpointError`).
+* :func:`checkpoint_problem` / :func:`newest_readable_checkpoint`: what resuming uses to pass over a
+  damaged checkpoint with a warning.
+
+Both ``models/`` (weights export and ``init_from``) and the Lightning side (:mod:`iv2_lightning.io`)
+use these, so they live apart from anything that imports Lightning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import zipfile
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
+
+
+# -- atomic files ------------------------------------------------------------------------------------
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    """Where :func:`atomic_write` stages ``path``: a hidden sibling, so the rename stays on one filesystem."""
+    path = Path(path)
+    return path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+
+
+def _fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):  # not every filesystem lets a folder be opened or synced
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path for a writer that takes a file name (``safetensors.torch.save_file``): on
+    leaving the block without an error the file written there is synced and renamed over ``path``;
+    on an error it is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", encoding: str | None = None) -> Iterator[IO]:
+    """Open ``path`` for writing such that it appears complete or not at all.
+
+    Writes go to ``.<name>.partial`` beside ``path``; on leaving the block without an error the data
+    is flushed, synced and the file renamed over ``path``; on an error the partial file is removed
+    and ``path`` is untouched.
+    """
+    if "w" not in mode:
+        raise ValueError(f"atomic_write writes whole files; mode must contain 'w', got {mode!r}")
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
+        f.flush()
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_write(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -- checkpoints --------------------------------------------------------------------------------------
+
+
+class UnreadableCheckpointError(ValueError):
+    """A checkpoint that cannot be loaded (truncated, not a torch file); names the file and why."""
+
+
+class UnsafeCheckpointError(UnreadableCheckpointError):
+    """A checkpoint whose pickle names Python objects beyond tensors and plain data: loading it
+    would run code, so it is refused."""
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    try:
+        return sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    except Exception:  # not a zip checkpoint at all: the caller reports the load error instead
+        return []
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``, with errors that name the file: a pickle that would
+    run code raises :class:`UnsafeCheckpointError` (listing what it would import), anything else that
+    stops the load :class:`UnreadableCheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    # mmap needs the zip format of torch.save; an older or foreign pickle is read as it is
+    mmap = mmap and zipfile.is_zipfile(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        unsafe = _unsafe_globals(path)
+        if unsafe or "Weights only load failed" in str(err):
+            raise UnsafeCheckpointError(
+                f"{path}: refusing to load this checkpoint: unpickling it would "
+                + (f"import {unsafe}" if unsafe else "need Python objects beyond tensors and plain data")
+                + ", which can run code from the file. Only tensors and plain data are loaded "
+                "(torch.load(weights_only=True)). Delete or move the file, or re-save its tensors in an "
+                "environment you trust."
+            ) from err
+        raise UnreadableCheckpointError(f"{path}: not a readable checkpoint ({err})") from err
+    except Exception as err:
+        size = path.stat().st_size
+        raise UnreadableCheckpointError(
+            f"{path}: not a readable checkpoint ({size} bytes; {type(err).__name__}: {err}); "
+            "it may have been cut short by a crash or a full disk"
+        ) from err
+
+
+def checkpoint_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be resumed from (None when it loads). Cheap: tensors are memory-mapped,
+    not read. Raises :class:`UnsafeCheckpointError` for a file that would run code: such a file is
+    refused, not passed over. A folder (what DeepSpeed writes in place of a file) counts when it
+    holds DeepSpeed's ``latest`` tag file."""
+    path = Path(path)
+    if path.is_dir():
+        return None if (path / "latest").is_file() else f"{path}: a folder without DeepSpeed's 'latest' file"
+    try:
+        load_checkpoint_file(path, mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except (UnreadableCheckpointError, OSError) as err:
+        return str(err)
+    return None
+
+
+def newest_readable_checkpoint(paths: Iterable[str | os.PathLike]) -> Path | None:
+    """The most recently written checkpoint among ``paths`` that loads; each newer one that does not
+    is logged with a warning and passed over. Hidden files (``.x.ckpt.partial``) are ignored."""
+    files = {Path(p) for p in paths}
+    files = [p for p in files if p.exists() and not p.name.startswith(".")]
+    for path in sorted(files, key=lambda p: p.stat().st_mtime_ns, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return path
+        log.warning("passing over a damaged checkpoint: %s", problem)
+    return None
+
+
+def checkpoints_in(folder: str | os.PathLike) -> list[Path]:
+    folder = Path(folder)
+    return sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
