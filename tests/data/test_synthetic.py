@@ -29,7 +29,6 @@ from iv2_lightning.data.synthetic import (
     SHAPES,
     SyntheticClip,
     SyntheticVideoDataset,
-    _background,
     attributes_from_text,
     direction_prompts,
     generate_clip,
@@ -39,6 +38,7 @@ from iv2_lightning.data.synthetic import (
     synth_main,
     with_direction,
 )
+from iv2_lightning.data.synthetic.render import _background
 from iv2_lightning.data.transforms import VideoTransform
 
 CAPTION_KEYS = ("color", "shape", "direction")

@@ -1,8 +1,8 @@
-"""Loading official InternVideo2 checkpoints (``iv2_lightning.models.convert``).
+"""Loading official InternVideo2 checkpoints (``iv2_lightning.models.official``, ``iv2 convert``).
 
 The fake checkpoints carry exactly the official tensor names and shapes (small width, random values);
 ``reference`` below is the official vision encoder written out from its equations, independently of
-VideoEncoder and of the reference inside convert.py.
+VideoEncoder and of the reference in ``models/official/reference.py``.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from iv2_lightning.convert import convert_main
 from iv2_lightning.models.backbone import VideoEncoder
-from iv2_lightning.models.convert import (
+from iv2_lightning.models.heads import DistillHead
+from iv2_lightning.models.layers import Mlp
+from iv2_lightning.models.official import (
     KNOWN_LAYOUTS,
     OfficialCheckpointError,
     PosEmbedInterpolationWarning,
     UnsafeCheckpointError,
-    convert_main,
     load_official,
     verify_official,
 )
-from iv2_lightning.models.heads import DistillHead
-from iv2_lightning.models.layers import Mlp
 
 WIDTH, DEPTH, HEADS, MLP, CLIP, POOL_HEADS, PATCH = 64, 2, 4, 256, 32, 4, 14
 SMALL = dict(num_heads=HEADS, attn_pool_heads=POOL_HEADS)
@@ -403,7 +403,7 @@ CLI_SMALL = ["--num-heads", "4", "--attn-pool-heads", "4", "--num-frames", "4", 
 
 
 def test_convert_main_round_trip_through_init_from(tmp_path):
-    from iv2_lightning.stages.weights import load_shared_weights, read_state_dict
+    from iv2_lightning.models.weights import load_shared_weights, read_state_dict
 
     src = tmp_path / "pretrain.pth"
     torch.save({"module": {**make_official(), **stage1_extras()}}, src)

@@ -1,0 +1,139 @@
+"""``iv2 convert SRC DST [--verify]``: an official InternVideo2 checkpoint → iv2 weights for ``init_from``.
+
+The command around :mod:`iv2_lightning.models.official`: it loads the vision encoder of an official
+checkpoint (OpenGVLab/InternVideo, ``InternVideo2/``; arXiv 2403.15377), prints what was mapped,
+resampled and left out, and writes the weights in the layout ``init_from`` reads (tensors prefixed
+``video_encoder.``). With ``--verify`` the result is written beside the destination first, checked
+against the official equations on the file's own tensors (and the written tensors against the loaded
+encoder), and moved into place only if every check passes. Exit codes: 0 written, 1 verification
+failed (nothing written), 2 the file cannot be converted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from pathlib import Path
+
+from iv2_lightning.models.backbone import VideoEncoder
+from iv2_lightning.models.official.errors import OfficialCheckpointError, PosEmbedInterpolationWarning
+from iv2_lightning.models.official.load import LoadedCheckpoint, load_checkpoint
+from iv2_lightning.models.official.mapping import OFFICIAL_PRESETS
+from iv2_lightning.models.official.save import read_converted, save_converted
+from iv2_lightning.models.official.verify import verify_loaded
+
+
+def build_convert_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="iv2 convert",
+        description="Convert the vision encoder of an official InternVideo2 checkpoint (stage-1 pretrain.pth, "
+        "stage-2 .pt, distilled pytorch_model.bin, classifier fine-tune) into iv2 weights for init_from.",
+    )
+    parser.add_argument(
+        "src", help="the official checkpoint (.pth/.pt/.bin read weights-only, or .safetensors)"
+    )
+    parser.add_argument(
+        "dst", help="DST.safetensors (one file), or a folder (weights.safetensors + manifest.json)"
+    )
+    parser.add_argument(
+        "--preset",
+        choices=OFFICIAL_PRESETS,
+        default=None,
+        help="official size (default: from the checkpoint)",
+    )
+    parser.add_argument("--num-frames", type=int, default=8, help="frames per clip of the converted encoder")
+    parser.add_argument(
+        "--image-size", type=int, default=224, help="frame size (px) of the converted encoder"
+    )
+    parser.add_argument(
+        "--source-frames",
+        type=int,
+        default=None,
+        help="frames the stored position table was trained with, when it cannot be told from its size",
+    )
+    parser.add_argument(
+        "--num-heads", type=int, default=None, help="attention heads (sizes without a preset)"
+    )
+    parser.add_argument("--attn-pool-heads", type=int, default=None, help="attention-pool heads (default 16)")
+    parser.add_argument(
+        "--mlp-act",
+        choices=("gelu", "gelu_tanh"),
+        default=None,
+        help="MLP activation (gelu_tanh = flash-attn FusedMLP's, used on the official fused training path)",
+    )
+    parser.add_argument(
+        "--no-strict", action="store_true", help="allow encoder tensors missing from the file"
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the result against the official equations on the file's tensors; write DST only if it passes",
+    )
+    return parser
+
+
+def convert_main(argv: list[str] | None = None) -> int:
+    """``iv2 convert SRC DST [--preset l14] [--num-frames 8] [--image-size 224] [--verify]``."""
+    args = build_convert_parser().parse_args(argv)
+    overrides = {
+        k: v
+        for k, v in (
+            ("num_heads", args.num_heads),
+            ("attn_pool_heads", args.attn_pool_heads),
+            ("mlp_act", args.mlp_act),
+        )
+        if v is not None
+    }
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PosEmbedInterpolationWarning)  # the summary lists it
+            encoder, loaded = load_checkpoint(
+                args.src,
+                args.preset,
+                args.num_frames,
+                args.image_size,
+                args.source_frames,
+                not args.no_strict,
+                overrides,
+            )
+    except (OfficialCheckpointError, FileNotFoundError) as err:
+        print(f"iv2 convert: error: {err}", file=sys.stderr)
+        return 2
+    print(loaded.report.summary())
+    dst = Path(args.dst)
+    if not args.verify:
+        print(f"wrote {save_converted(encoder, loaded.report, dst)}")
+        return 0
+    return _write_verified(encoder, loaded, dst)
+
+
+def _write_verified(encoder: VideoEncoder, loaded: LoadedCheckpoint, dst: Path) -> int:
+    """Write beside the destination, verify the written tensors, then move into place."""
+    staging = dst.with_name(f".{dst.name}.verify{dst.suffix}")
+    save_converted(encoder, loaded.report, staging)
+    try:
+        result = verify_loaded(encoder, loaded, written=read_converted(staging))
+        print(result.summary())
+        if not result.ok:
+            print(f"iv2 convert: verification failed; {dst} was not written", file=sys.stderr)
+            return 1
+        if staging.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+            for name in ("weights.safetensors", "manifest.json"):  # weights first, manifest last
+                os.replace(staging / name, dst / name)
+        else:
+            os.replace(staging, dst)
+    finally:
+        if staging.is_dir():
+            for child in staging.iterdir():
+                child.unlink()
+            staging.rmdir()
+        elif staging.exists():
+            staging.unlink()
+    print(f"wrote {dst}")
+    return 0
+
+
+__all__ = ["build_convert_parser", "convert_main"]

@@ -1,0 +1,196 @@
+"""One synthetic clip with all its modalities (:func:`generate_clip`) and the map-style dataset
+that renders them on the fly (:class:`SyntheticVideoDataset`), yielding :class:`VideoSample`.
+
+The same ``(seed, split, index)`` always gives the same bytes in any process: every draw comes from
+one ``random.Random`` seeded by :func:`~iv2_lightning.data.synthetic.scene.clip_seed`, parameters
+first and text after, so :func:`~iv2_lightning.data.synthetic.scene.sample_params` is a cheap prefix
+of :func:`generate_clip`. The audio is turned into kaldi fbank frames like a real clip's track
+(arXiv 2403.15377 Sec. 3.2, the audio encoder's input).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset
+
+from iv2_lightning.data.batch import VideoSample
+from iv2_lightning.data.synthetic.render import render_clip
+from iv2_lightning.data.synthetic.scene import (
+    DIRECTIONS,
+    ClipParams,
+    check_geometry,
+    clip_seed,
+    draw_params,
+    sample_id_of,
+    sample_params,
+)
+from iv2_lightning.data.synthetic.sound import SAMPLE_RATE, synthesize_audio
+from iv2_lightning.data.synthetic.text import make_audio_caption, make_caption, make_qa, make_speech
+from iv2_lightning.data.transforms import VideoTransform
+from iv2_lightning.features.fbank import compute_fbank
+
+
+@dataclass
+class SyntheticClip:
+    """One generated clip. ``frames`` uint8 ``[T, H, W, 3]``; ``waveform`` float32 ``[S]`` at
+    ``sample_rate`` (None when generated without audio); ``label`` = index of the first object's
+    direction in ``DIRECTIONS``; ``attributes``: see :meth:`ClipParams.attributes`."""
+
+    frames: torch.Tensor
+    waveform: torch.Tensor | None
+    sample_rate: int
+    fps: float
+    caption: str
+    speech: str
+    audio_caption: str
+    qa: list[tuple[str, str]]
+    label: int
+    sample_id: int
+    attributes: dict[str, Any]
+    params: ClipParams
+    index: int
+    split: str
+    seed: int
+
+
+def generate_clip(
+    index: int,
+    split: str = "train",
+    seed: int = 0,
+    num_frames: int = 8,
+    image_size: int = 64,
+    fps: float = 8.0,
+    max_objects: int = 1,
+    with_audio: bool = True,
+) -> SyntheticClip:
+    """Clip ``index`` of ``split``: identical bytes for the same arguments, in any process."""
+    if fps <= 0:
+        raise ValueError(f"fps must be positive; got {fps}")
+    check_geometry(num_frames, image_size, max_objects)
+    rng = random.Random(clip_seed(seed, split, index))
+    params = draw_params(rng, num_frames, image_size, max_objects)
+    # text draws come after the parameter draws, so sample_params stays a cheap prefix of this
+    caption = make_caption(params, rng)
+    speech = make_speech(params, rng)
+    audio_caption = make_audio_caption(params, rng)
+    qa = make_qa(params, rng, max_objects)
+    first = params.objects[0]
+    return SyntheticClip(
+        frames=render_clip(params),
+        waveform=synthesize_audio(params, fps, SAMPLE_RATE) if with_audio else None,
+        sample_rate=SAMPLE_RATE,
+        fps=float(fps),
+        caption=caption,
+        speech=speech,
+        audio_caption=audio_caption,
+        qa=qa,
+        label=DIRECTIONS.index(first.direction),
+        sample_id=sample_id_of(first.color, first.shape, first.direction),
+        attributes=params.attributes(),
+        params=params,
+        index=index,
+        split=split,
+        seed=seed,
+    )
+
+
+class SyntheticVideoDataset(Dataset):
+    """Map-style dataset of :class:`VideoSample` rendered on the fly from ``(seed, split, index)``.
+
+    ``video``: ``transform`` of the ``[3, T, H, W]`` uint8 clip (default: evaluation
+    ``VideoTransform(image_size)``, i.e. normalisation only); ``audio``: kaldi fbank of the
+    waveform (``compute_fbank``); ``speech``: the ASR-style transcript; ``sample_id``: one id per
+    (colour, shape, direction) of the first object; ``meta``: index, split, seed, attributes,
+    audio caption.
+    """
+
+    def __init__(
+        self,
+        split: str = "train",
+        size: int = 2000,
+        num_frames: int = 8,
+        image_size: int = 64,
+        seed: int = 0,
+        fps: float = 8.0,
+        max_objects: int = 1,
+        with_audio: bool = True,
+        with_speech: bool = True,
+        transform: VideoTransform | None = None,
+    ) -> None:
+        if not split:
+            raise ValueError("split must be a non-empty name such as 'train', 'val' or 'test'")
+        if size < 0:
+            raise ValueError(f"size must be >= 0; got {size}")
+        if fps <= 0:
+            raise ValueError(f"fps must be positive; got {fps}")
+        check_geometry(num_frames, image_size, max_objects)
+        self.split = split
+        self.size = size
+        self.num_frames = num_frames
+        self.image_size = image_size
+        self.seed = seed
+        self.fps = fps
+        self.max_objects = max_objects
+        self.with_audio = with_audio
+        self.with_speech = with_speech
+        self.transform = transform if transform is not None else VideoTransform(image_size, train=False)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def _index(self, i: int) -> int:
+        if not -self.size <= i < self.size:
+            raise IndexError(f"index {i} out of range for SyntheticVideoDataset of size {self.size}")
+        return i % self.size if self.size else i
+
+    def clip(self, i: int) -> SyntheticClip:
+        return generate_clip(
+            self._index(i),
+            self.split,
+            self.seed,
+            self.num_frames,
+            self.image_size,
+            self.fps,
+            self.max_objects,
+            with_audio=self.with_audio,
+        )
+
+    def attributes(self, i: int) -> dict[str, Any]:
+        """The clip's attributes without rendering it."""
+        return sample_params(
+            self._index(i),
+            self.split,
+            self.seed,
+            self.num_frames,
+            self.image_size,
+            self.max_objects,
+        ).attributes()
+
+    def __getitem__(self, i: int) -> VideoSample:
+        clip = self.clip(i)
+        video = self.transform(clip.frames.permute(3, 0, 1, 2))
+        audio = compute_fbank(clip.waveform, clip.sample_rate) if clip.waveform is not None else None
+        return VideoSample(
+            video=video,
+            sample_id=clip.sample_id,
+            caption=clip.caption,
+            audio=audio,
+            speech=clip.speech if self.with_speech else None,
+            label=clip.label,
+            qa=list(clip.qa),
+            meta={
+                "index": clip.index,
+                "split": clip.split,
+                "seed": clip.seed,
+                "attributes": clip.attributes,
+                "audio_caption": clip.audio_caption,
+                "source": "synthetic",
+            },
+        )
+
+
+__all__ = ["SyntheticClip", "SyntheticVideoDataset", "generate_clip"]
