@@ -10,7 +10,8 @@
   the official VTM sampling of one negative per query from ``softmax(sim)``.
 * Next-token prediction (stage 3, Sec. 3.3): ``CausalDecoder``, a small causal language model over
   a visual memory (cross-attention, or a prefix-LM in the style of SimVLM/PaLI), with greedy and
-  nucleus (Holtzman et al. 2020) decoding, and ``next_token_loss``.
+  nucleus decoding (the loop and sampler of :mod:`~iv2_lightning.models.generation`), and
+  ``next_token_loss``.
 * Action recognition: ``ClassificationHead``, the official ``clip_projector``-style attention pool
   (or mean pool) + ``fc_norm`` + Linear.
 """
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iv2_lightning.models.attention import Backend, CrossAttention
+from iv2_lightning.models.generation import check_sampling, generate_tokens
 from iv2_lightning.models.layers import AttentionPool, Block, masked_mean
 from iv2_lightning.models.pos_embed import sincos_3d
 
@@ -458,10 +460,7 @@ class CausalDecoder(nn.Module):
         stops when every row has stopped or after ``max_new_tokens``. Without a memory, pass
         ``batch_size``. No KV cache: each step reruns the prefix (the decoder is small).
         """
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1]; got {top_p}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0; got {temperature}")
+        check_sampling(top_p, temperature)
         if 1 + max_new_tokens > self.max_length:
             raise ValueError(
                 f"1 + max_new_tokens = {1 + max_new_tokens} exceeds max_length {self.max_length}"
@@ -470,31 +469,22 @@ class CausalDecoder(nn.Module):
             b, device = memory.shape[0], memory.device
         else:
             b, device = batch_size or 1, self.pos_embed.device
-        ids = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
-        done = torch.zeros(b, dtype=torch.bool, device=device)
-        for _ in range(max_new_tokens):
-            logits = self(ids, None, memory, memory_mask)[:, -1].float()
-            if top_p is None:
-                nxt = logits.argmax(dim=-1)
-            else:
-                nxt = _nucleus_sample(logits / temperature, top_p, generator)
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            ids = torch.cat([ids, nxt[:, None]], dim=1)
-            done = done | (nxt == eos_id)
-            if bool(done.all()):
-                break
-        return ids
 
+        def step(ids: torch.Tensor, state: None) -> tuple[torch.Tensor, None]:
+            return self(ids, None, memory, memory_mask)[:, -1], None
 
-def _nucleus_sample(logits: torch.Tensor, top_p: float, generator: torch.Generator | None) -> torch.Tensor:
-    """Sample from the smallest set of tokens whose probability reaches ``top_p`` (top-p sampling)."""
-    probs = logits.softmax(dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    # keep a token if the mass before it is still below top_p (so the top token is always kept)
-    keep = (sorted_probs.cumsum(dim=-1) - sorted_probs) < top_p
-    sorted_probs = sorted_probs * keep
-    choice = torch.multinomial(sorted_probs, 1, generator=generator)
-    return order.gather(-1, choice).squeeze(-1)
+        prompt = torch.full((b, 1), bos_id, dtype=torch.long, device=device)
+        out = generate_tokens(
+            step,
+            prompt,
+            max_new_tokens,
+            eos_id=eos_id,
+            pad_id=self.pad_id,
+            top_p=top_p,
+            temperature=temperature,
+            generator=generator,
+        )
+        return out.ids
 
 
 def next_token_loss(
