@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from iv2_lightning.models.text import ByteTokenizer, TokenizedText
+from iv2_lightning.features.tokenizers import ByteTokenizer, TokenizedText
 
 Tokenizer = Callable[..., TokenizedText]
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iv2_lightning.models.norm import RMSNorm
+
 Backend = Literal["auto", "sdpa", "math", "flash"]
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "math", "flash")
 
@@ -291,6 +293,4 @@ class CrossAttention(nn.Module):
 
 
 def _default_norm(dim: int) -> nn.Module:
-    from iv2_lightning.models.layers import RMSNorm  # layers imports this module
-
     return RMSNorm(dim, eps=1e-6)

@@ -10,72 +10,34 @@ built for the actual (time, frequency) grid, so clips of any length up to ``max_
 without interpolating a learned table.
 
 ``compute_fbank`` turns a waveform into those features, as the official BEATs ``preprocess`` does
-(16-bit scale, 25 ms / 10 ms frames, no dither); the data layer calls it once per clip.
+(16-bit scale, 25 ms / 10 ms frames, no dither); the data layer calls it once per clip. It lives in
+:mod:`iv2_lightning.features.fbank` (which ``data/`` imports too) and is re-exported here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torchaudio
 from torch import nn
 
+# compute_fbank moved to features/ (data/ must not import models/); re-exported for old imports
+from iv2_lightning.features.fbank import FBANK_MEAN, FBANK_STD, SAMPLE_RATE, compute_fbank
 from iv2_lightning.models.attention import Backend
 from iv2_lightning.models.layers import Block, make_norm
 from iv2_lightning.models.pos_embed import sincos_2d
 
-SAMPLE_RATE = 16_000
-FBANK_MEAN = 15.41663
-FBANK_STD = 6.55582
+__all__ = ["FBANK_MEAN", "FBANK_STD", "SAMPLE_RATE", "AudioEncoder", "AudioOutput", "compute_fbank"]
 
 
-@dataclass
-class AudioOutput:
-    """``cls [B, D]``, patch ``tokens [B, N, D]``, ``mask [B, N]`` (True = real patch)."""
+class AudioOutput(NamedTuple):
+    """``cls [B, D]``, patch ``tokens [B, N, D]``, ``mask [B, N]`` (True = real patch)
+    (a NamedTuple so that DeepSpeed ZeRO-3 sees its tensors, see ``VideoEncoderOutput``)."""
 
     cls: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
-
-
-def compute_fbank(
-    waveform: torch.Tensor,
-    sample_rate: int,
-    num_mel_bins: int = 128,
-    window_type: str = "povey",
-) -> torch.Tensor:
-    """Log-mel kaldi filterbank ``[F, num_mel_bins]`` of a waveform ``[C, S]`` or ``[S]`` in [-1, 1].
-
-    Channels are averaged to mono and the signal is resampled to 16 kHz. The waveform is scaled to
-    the 16-bit integer range before the fbank because ``FBANK_MEAN``/``FBANK_STD`` were measured
-    that way (BEATs ``preprocess``); ``window_type`` defaults to kaldi's ``povey``, the window those
-    constants come from ("hanning" gives the AST-style features).
-    """
-    if waveform.dim() == 1:
-        waveform = waveform[None]
-    if waveform.dim() != 2:
-        raise ValueError(f"compute_fbank expects a waveform [C, S] or [S]; got shape {tuple(waveform.shape)}")
-    if sample_rate <= 0:
-        raise ValueError(f"compute_fbank: sample_rate must be positive; got {sample_rate}")
-    mono = waveform.float().mean(dim=0, keepdim=True)
-    if sample_rate != SAMPLE_RATE:
-        mono = torchaudio.functional.resample(mono, sample_rate, SAMPLE_RATE)
-    window = int(SAMPLE_RATE * 0.025)
-    if mono.shape[1] < window:
-        # kaldi returns zero frames for clips shorter than one window; one zero-padded frame keeps
-        # a very short clip usable (the encoder pads and masks the rest)
-        mono = F.pad(mono, (0, window - mono.shape[1]))
-    return torchaudio.compliance.kaldi.fbank(
-        mono * 2**15,
-        num_mel_bins=num_mel_bins,
-        sample_frequency=SAMPLE_RATE,
-        frame_length=25.0,
-        frame_shift=10.0,
-        dither=0.0,
-        window_type=window_type,
-    )
 
 
 class AudioEncoder(nn.Module):

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -47,8 +47,7 @@ from iv2_lightning.models.pos_embed import interpolate_pos_embed_3d, sincos_3d
 AttentionKind = Literal["joint", "divided"]
 
 
-@dataclass
-class VideoEncoderOutput:
+class VideoEncoderOutput(NamedTuple):
     """What :class:`VideoEncoder` returns.
 
     ``tokens``: ``[B, (1 +) N_visible, D]`` final token states, cls first when the encoder has one.
@@ -57,13 +56,19 @@ class VideoEncoderOutput:
     ``grid``: the token grid ``(T', H', W')`` of this input.
     ``hidden_states``: the outputs of the last ``return_hidden`` blocks (oldest first).
     ``num_prefix``: how many leading tokens are not patches (1 with a cls token, else 0).
+
+    A NamedTuple, not a dataclass: DeepSpeed ZeRO-3 re-gathers a module's partitioned parameters for
+    the backward pass through hooks on the tensors the module returns, and it finds them only in
+    tensors, tuples (named ones included), lists and dicts (``deepspeed.runtime.zero.utils.
+    apply_to_tensors_only``); a dataclass hides them and the backward pass fails.
     """
 
     tokens: torch.Tensor
     pooled: torch.Tensor
     mask: torch.Tensor | None
     grid: tuple[int, int, int]
-    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    # an empty tuple, not a list: a NamedTuple default is one object shared by every instance
+    hidden_states: Sequence[torch.Tensor] = ()
     num_prefix: int = 1
 
     @property

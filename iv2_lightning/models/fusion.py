@@ -19,8 +19,8 @@ and the outputs never depend on the values of padded or absent tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -31,8 +31,7 @@ from iv2_lightning.models.layers import Mlp, masked_mean
 GateKind = Literal["sigmoid", "tanh"]
 
 
-@dataclass
-class FusionOutput:
+class FusionOutput(NamedTuple):
     """What :class:`CrossModalFusion` returns.
 
     ``tokens[m]`` is ``[B, L_m, dim]`` (zeros at padded positions and for absent samples);
@@ -40,6 +39,9 @@ class FusionOutput:
     concatenate the modalities in the module's modality order; ``pooled`` is the masked mean of
     ``fused``; ``gates[query][source]`` is ``[B]`` from the last layer (0 where either side is
     absent), ``layer_gates`` holds the gates of every layer.
+
+    A NamedTuple so that DeepSpeed ZeRO-3 sees its tensors (see ``VideoEncoderOutput``); ZeRO-3 also
+    walks the dicts and lists inside it.
     """
 
     tokens: dict[str, torch.Tensor]
@@ -48,7 +50,8 @@ class FusionOutput:
     fused_mask: torch.Tensor
     pooled: torch.Tensor
     gates: dict[str, dict[str, torch.Tensor]]
-    layer_gates: list[dict[str, dict[str, torch.Tensor]]] = field(default_factory=list)
+    # an empty tuple, not a list: a NamedTuple default is one object shared by every instance
+    layer_gates: Sequence[dict[str, dict[str, torch.Tensor]]] = ()
 
 
 class FusionLayer(nn.Module):

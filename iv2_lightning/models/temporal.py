@@ -18,7 +18,7 @@ quadratic only in ``num_windows * k``, a few hundred tokens for minutes of video
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,11 +30,11 @@ from iv2_lightning.models.layers import AttentionPool, Block
 from iv2_lightning.models.pos_embed import sincos_1d
 
 
-@dataclass
-class HTEOutput:
+class HTEOutput(NamedTuple):
     """``embedding [B, E]`` for the whole clip; ``window_tokens [B, W, k, D]`` after the temporal
     transformer; ``window_embeddings [B, W, E_enc]`` the encoder's pooled output per window;
-    ``window_mask [B, W]`` True where a window holds at least one real frame (see ``frame_mask``)."""
+    ``window_mask [B, W]`` True where a window holds at least one real frame (see ``frame_mask``)
+    (a NamedTuple so that DeepSpeed ZeRO-3 sees its tensors, see ``VideoEncoderOutput``)."""
 
     embedding: torch.Tensor
     window_tokens: torch.Tensor
