@@ -10,8 +10,9 @@ Made for TensorBoard's ``add_image`` (CHW), where a person would rather look tha
 * :func:`attention_over_frames`: the frames with the attention pool's weights laid over them and,
   under each frame, a bar as tall as the share of attention its tokens got;
 * :func:`gate_matrix`: the cross-modal fusion gates (query modality x source modality);
-* :func:`contrastive_pictures`: all of the above from the record ``ContrastiveStage`` keeps of its
-  first evaluation batch.
+* :func:`contrastive_pictures`: all of the above from the record the
+  :class:`~iv2_lightning.callbacks.pictures.ContrastivePictures` callback takes of the first
+  evaluation batch of the contrastive stage.
 
 Videos come normalised (mean/std) from the data, so every clip is shown min-max scaled to [0, 1].
 """
@@ -197,7 +198,7 @@ def contrastive_pictures(
     record: dict[str, Any], k: int = 3, queries: int = 4
 ) -> tuple[dict[str, torch.Tensor], str]:
     """Images (tag → ``[3, H, W]``) and a markdown note for one evaluation batch of
-    ``ContrastiveStage`` (see its ``_picture_record``): ``similarity`` (texts x videos, true pairs
+    the contrastive stage (see ``ContrastivePictures.record``): ``similarity`` (texts x videos, true pairs
     outlined), ``retrieval_topk`` (text → video strips), ``pool_attention`` (first clips),
     ``fusion_gates``."""
     images: dict[str, torch.Tensor] = {}

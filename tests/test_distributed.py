@@ -1,5 +1,6 @@
 """Two CPU processes on gloo, the way DDP runs them: the contrastive losses give the full-batch loss
-and gradients, and the DataModules' loaders shard the data without overlap.
+and gradients, the evaluation metrics the full-set numbers, and the DataModules' loaders shard the
+data without overlap.
 
 All checks run in one ``torch.multiprocessing.spawn`` of two ranks (a start costs seconds of
 imports); each rank writes what it saw and the tests compare it with one process on the full batch.
@@ -15,8 +16,8 @@ import pytest
 import torch
 from torch import nn
 
+from iv2_lightning.metrics import RetrievalMetric, ZeroShotAccuracy
 from iv2_lightning.models.losses import InfoNCELoss
-from iv2_lightning.stages.contrastive import masked_info_nce
 
 pytestmark = pytest.mark.slow  # one spawn of two ranks (~15 s on two cores), shared by the tests
 
@@ -24,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 WORLD = 2
 ROWS = 4  # per rank for InfoNCELoss (all_gather needs equal shapes)
 IDS = torch.tensor([0, 1, 2, 3, 2, 5, 0, 7])  # duplicates within and across the ranks' halves
-UNEVEN = ((0, 4), (4, 7))  # masked_info_nce: rank 0 has 4 rows, rank 1 has 3 (a dropped clip)
+UNEVEN = ((0, 4), (4, 7))  # masked InfoNCE: rank 0 has 4 rows, rank 1 has 3 (a dropped clip)
 VALID = torch.tensor([True, False, True, True, True, True, False])
 SYNTH_SIZE, SYNTH_BATCH, EPOCHS = 12, 2, 2
 
@@ -55,11 +56,48 @@ class Towers(nn.Module):
 
 
 class MaskedTowers(Towers):
-    """The stage-2 loss, ``masked_info_nce``: rows may be invalid and ranks may hold different counts."""
+    """The stage-2 loss, InfoNCE with a validity mask: rows may be invalid and ranks may hold
+    different counts."""
 
     def forward(self, xa, xb, ids, valid):
-        gather = self.loss.gather_distributed
-        return masked_info_nce(self.a(xa), self.b(xb), ids, valid, self.loss.temperature, gather)
+        return self.loss(self.a(xa), self.b(xb), ids, valid)
+
+
+def _match(tokens: dict[str, torch.Tensor], masks: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A stand-in matching head that zero padding does not change (sums of the tokens)."""
+    return tokens["video"].sum(dim=(1, 2)) * tokens["text"].sum(dim=(1, 2))
+
+
+def _eval_batches() -> list[dict[str, torch.Tensor]]:
+    """Two evaluation batches (one per rank, as UNEVEN): 4 and 3 clips, 2 and 3 tokens per clip, a
+    clip without caption, labels beyond the 3 classes."""
+    g = torch.Generator().manual_seed(1)
+    video = torch.nn.functional.normalize(torch.randn(7, 4, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(video + torch.randn(7, 4, generator=g), dim=-1)
+    present = torch.tensor([True, True, False, True, True, True, True])
+    labels = torch.tensor([0, 1, 2, 5, 1, -100, 2])
+    out = []
+    for (lo, hi), width in zip(UNEVEN, (2, 3)):
+        n = hi - lo
+        tokens = {m: torch.randn(n, width, 3, generator=g) for m in ("video", "text")}
+        out.append(
+            {
+                "args": (video[lo:hi], text[lo:hi], IDS[lo:hi], present[lo:hi]),
+                "tokens": tokens,
+                "masks": {m: torch.ones(n, width, dtype=torch.bool) for m in tokens},
+                "labels": labels[lo:hi],
+                "classes": torch.eye(3, 4),
+            }
+        )
+    return out
+
+
+def _evaluate(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    retrieval, zero_shot = RetrievalMetric(rerank_k=2, match=_match), ZeroShotAccuracy()
+    for b in batches:
+        retrieval.update(*b["args"], b["tokens"], b["masks"])
+        zero_shot.update(b["args"][0], b["classes"], b["labels"])
+    return {**retrieval.compute(), "zs_acc": zero_shot.compute()}
 
 
 def _grads(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -153,6 +191,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["masked"] = _ddp_step(
             MaskedTowers(gather=True), d["xa"][lo:hi], d["xb"][lo:hi], IDS[lo:hi], VALID[lo:hi]
         )
+        out["metrics"] = _evaluate([_eval_batches()[rank]])
         out["seen"] = _record_sharding(rank)
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
@@ -188,7 +227,7 @@ def test_infonce_across_two_ranks_equals_one_process_on_the_full_batch(ranks, ke
     assert grads["loss.temp"].abs().item() > 0 and grads["a.weight"].abs().sum() > 0
 
 
-def test_masked_info_nce_with_uneven_ranks_and_invalid_rows_equals_the_full_batch(ranks):
+def test_masked_infonce_with_uneven_ranks_and_invalid_rows_equals_the_full_batch(ranks):
     d = _data()
     n = UNEVEN[-1][1]
     loss, grads = _full_batch(MaskedTowers(gather=False), d["xa"][:n], d["xb"][:n], IDS[:n], VALID)
@@ -196,6 +235,18 @@ def test_masked_info_nce_with_uneven_ranks_and_invalid_rows_equals_the_full_batc
     for r in ranks:
         for name, g in grads.items():
             assert torch.allclose(r["masked"]["grads"][name], g, atol=1e-5), name
+
+
+def test_metrics_across_two_ranks_equal_one_process_on_every_batch(ranks):
+    """Ranks with different numbers of clips and of tokens per clip: every rank computes the numbers
+    of the whole evaluation set (cosine, _dsl, _match and zero-shot)."""
+    with pytest.warns(UserWarning, match="only 3 classes"):
+        one = _evaluate(_eval_batches())
+    assert {"t2v_r1", "v2t_meanr_dsl", "t2v_r1_match", "zs_acc"} <= set(one)
+    for r in ranks:
+        assert set(r["metrics"]) == set(one)
+        for k, v in one.items():
+            assert torch.allclose(r["metrics"][k].float(), v.float(), atol=1e-5), k
 
 
 def test_ddp_shards_the_datamodule_without_overlap(ranks):

@@ -1,18 +1,26 @@
-"""Retrieval and zero-shot metrics against rankings and formulas worked out by hand."""
+"""Retrieval and zero-shot metrics against rankings and formulas worked out by hand, and the
+torchmetrics ``Metric``s that accumulate them over an evaluation epoch."""
 
 from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from iv2_lightning.metrics import (
+    RetrievalMetric,
+    ZeroShotAccuracy,
+    class_prompts_from,
     dual_softmax,
     expected_ranks,
+    match_retrieval_scores,
     positives_from_ids,
     retrieval_metrics,
+    retrieval_scores,
     zero_shot_accuracy,
 )
 
@@ -159,3 +167,75 @@ def test_zero_shot_accuracy():
         zero_shot_accuracy(video, classes, torch.full((5,), -100))
     with pytest.raises(ValueError, match="class embeddings"):
         zero_shot_accuracy(video, classes, torch.tensor([0, 1, 2, 3, 0]))
+
+
+# ----------------------------------------------------------------------------- torchmetrics
+
+
+def _match(tokens, masks):
+    """A stand-in matching head: the masked sum of the video tokens times that of the text tokens."""
+    v = (tokens["video"] * masks["video"][..., None]).sum(dim=(1, 2))
+    return v * (tokens["text"] * masks["text"][..., None]).sum(dim=(1, 2))
+
+
+def test_retrieval_metric_over_batches_equals_the_functions_on_the_whole_set():
+    g = torch.Generator().manual_seed(0)
+    n = 9
+    video = torch.nn.functional.normalize(torch.randn(n, 6, generator=g), dim=-1)
+    text = torch.nn.functional.normalize(video + torch.randn(n, 6, generator=g), dim=-1)
+    ids = torch.tensor([0, 1, 1, 2, 3, 4, 5, 5, 6])
+    present = torch.ones(n, dtype=torch.bool)
+    present[4] = False
+    # three batches whose clips hold 2, 4 and 3 tokens (the kept tokens are padded at compute)
+    widths, cuts = (2, 4, 3), (0, 3, 6, 9)
+    tokens = [{m: torch.randn(3, w, 5, generator=g) for m in ("video", "text")} for w in widths]
+    masks = [{m: torch.rand(3, w, generator=g) < 0.8 for m in ("video", "text")} for w in widths]
+    metric = RetrievalMetric(rerank_k=3, match=_match, chunk=4)
+    for i, (lo, hi) in enumerate(itertools.pairwise(cuts)):
+        metric.update(video[lo:hi], text[lo:hi], ids[lo:hi], present[lo:hi], tokens[i], masks[i])
+    got = metric.compute()
+    expect = retrieval_scores(video, text, ids, present)
+    width = max(widths)
+    cat = {"video": video, "text": text, "sample_id": ids, "text_present": present}
+    for m in ("video", "text"):
+        cat[f"{m}_tokens"] = torch.cat([F.pad(t[m], (0, 0, 0, width - t[m].shape[1])) for t in tokens])
+        cat[f"{m}_mask"] = torch.cat([F.pad(k[m], (0, width - k[m].shape[1])) for k in masks])
+    expect.update(match_retrieval_scores(cat, _match, k=3))
+    assert set(got) == set(expect) and any(k.endswith("_match") for k in got)
+    for k, v in expect.items():
+        assert float(got[k]) == pytest.approx(v, abs=1e-5), k
+    metric.reset()
+    plain = RetrievalMetric()
+    plain.update(video, text, ids, torch.zeros(n, dtype=torch.bool))
+    assert plain.compute() == {}  # no caption: nothing to score
+    with pytest.raises(ValueError, match="needs a match function"):
+        RetrievalMetric(rerank_k=2)
+
+
+def test_zero_shot_metric_skips_labels_without_a_class_with_one_warning():
+    classes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    video = torch.tensor([[2.0, 0.1], [0.1, 3.0], [-1.0, 0.2], [0.3, 1.0], [5.0, 5.1], [1.0, 0.0]])
+    labels = torch.tensor([0, 1, 2, 0, -100, 7])  # as test_zero_shot_accuracy, plus a label 7 of 3 classes
+    metric = ZeroShotAccuracy()
+    with pytest.warns(UserWarning, match="labels up to 7 but only 3 classes"):
+        metric.update(video[:3], classes, labels[:3] + torch.tensor([0, 0, 5]))  # 7 again: warned here
+    metric.reset()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once per metric, not once per batch
+        metric.update(video[:3], classes, labels[:3])
+        metric.update(video[3:], classes, labels[3:])
+    assert float(metric.compute()) == pytest.approx(75.0)  # the rows of zero_shot_accuracy's example
+    assert float(metric.compute()) == pytest.approx(zero_shot_accuracy(video[:5], classes, labels[:5]))
+    empty = ZeroShotAccuracy()
+    empty.update(video, classes, torch.full((6,), -100))
+    assert math.isnan(float(empty.compute()))
+
+
+def test_class_prompts_from_templates_and_label_order():
+    assert class_prompts_from() is None and class_prompts_from(label_names=["b", "a"]) is None
+    assert class_prompts_from({"a": ["x"], "b": ["y", "z"]}, ["b", "a"]) == {"b": ["y", "z"], "a": ["x"]}
+    assert class_prompts_from(zeroshot_classes=["up"], prompt_templates=["go {}", "{}!"]) == {
+        "up": ["go up", "up!"]
+    }
+    with pytest.raises(ValueError, match="label_names"):
+        class_prompts_from({"a": ["x"]}, ["a", "b"])

@@ -1,7 +1,7 @@
-"""The evaluation's retrieval numbers worked out by hand: the stage's T2V/V2T metrics with tied
-scores and several positives, dual-softmax rescoring against its formula, the official ``_match``
-re-ranking of the top k (pure function and through ContrastiveStage with a stand-in matching head),
-zero-shot classes from prompt templates.
+"""The evaluation's retrieval numbers worked out by hand: the T2V/V2T metrics with tied scores and
+several positives, dual-softmax rescoring against its formula, the official ``_match`` re-ranking of
+the top k (pure function, through the aligner's matching head with a stand-in fusion, and through
+ContrastiveStage's test loop), zero-shot classes from prompt templates.
 
 Ties (iv2_lightning.metrics): a query's rank is the expected rank of its best positive when tied
 candidates are ordered at random, ``1 + h + n / (p + 1)`` (h candidates strictly above, p positives
@@ -18,7 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from iv2_lightning.metrics import dual_softmax, positives_from_ids, rerank_top_k, retrieval_metrics
+from iv2_lightning.metrics import (
+    dual_softmax,
+    match_retrieval_scores,
+    positives_from_ids,
+    rerank_top_k,
+    retrieval_metrics,
+    retrieval_scores,
+)
 from iv2_lightning.stages.contrastive import ContrastiveStage
 
 SMALL = dict(
@@ -43,7 +50,7 @@ def _tied_example():
 
 def test_stage_retrieval_scores_by_hand_with_ties():
     video, text, ids = _tied_example()
-    m = ContrastiveStage.retrieval_scores(video, text, ids)
+    m = retrieval_scores(video, text, ids)
     # T2V. text 0: its clip ties with clip 3 at the top -> rank 1.5, half a hit at 1.
     #      texts 1, 2: both clips of id 1 on top -> rank 1. text 3: all four tie, one positive ->
     #      rank 1 + 3/2 = 2.5, a quarter of a hit at 1, certain at 5.
@@ -73,7 +80,7 @@ def test_dual_softmax_scores_follow_the_formula_in_both_directions():
     v2t = (video @ text.T).tolist()
     expect_t2v, expect_v2t = _dual_softmax_by_formula(t2v), _dual_softmax_by_formula(v2t)
     assert torch.allclose(dual_softmax(torch.tensor(t2v)), expect_t2v, atol=1e-6)
-    m = ContrastiveStage.retrieval_scores(video, text, ids)
+    m = retrieval_scores(video, text, ids)
     pos = positives_from_ids(ids, ids)
     for name, scores, positive in (("t2v", expect_t2v, pos), ("v2t", expect_v2t, pos.T)):
         ref = retrieval_metrics(scores, positive)
@@ -169,7 +176,7 @@ def _match_cat(audio: bool = False) -> dict[str, torch.Tensor]:
         "sample_id": ids,
         "text_present": torch.ones(3, dtype=torch.bool),
         "video_tokens": tokens,
-        "video_token_mask": torch.ones(3, 2, dtype=torch.bool),
+        "video_mask": torch.ones(3, 2, dtype=torch.bool),
         "text_tokens": tokens.clone(),
         "text_mask": torch.ones(3, 2, dtype=torch.bool),
     }
@@ -181,11 +188,12 @@ def _match_cat(audio: bool = False) -> dict[str, torch.Tensor]:
 def test_stage_match_scores_rerank_the_top_k_with_the_matching_head():
     torch.manual_seed(0)
     stage = ContrastiveStage(**SMALL, rerank_k=2)
-    stage.fusion, stage.itm_head = _IdFusion(), _MatchLogit()
+    model = stage.model
+    model.fusion, model.itm_head = _IdFusion(), _MatchLogit()
     cat = _match_cat()
-    cosine = ContrastiveStage.retrieval_scores(cat["video"], cat["text"], cat["sample_id"])
+    cosine = retrieval_scores(cat["video"], cat["text"], cat["sample_id"])
     assert cosine["t2v_r1"] == pytest.approx(100 / 3) and cosine["t2v_meanr"] == pytest.approx(2.0)
-    m = stage.match_scores(cat, chunk=2)  # chunks smaller than the pairs: every chunk is scored
+    m = match_retrieval_scores(cat, model.match_scores, k=2, chunk=2)  # chunks smaller than the pairs
     # T2V with k = 2: text 0's clip (2nd) moves to 1st; text 1's clip (3rd) is outside the top 2 and
     # stays 3rd; text 2's clip stays 1st. V2T (the transpose) has the same pattern.
     for d in ("t2v", "v2t"):
@@ -193,9 +201,10 @@ def test_stage_match_scores_rerank_the_top_k_with_the_matching_head():
         assert m[f"{d}_r5_match"] == pytest.approx(100.0)
         assert m[f"{d}_medr_match"] == 1.0
         assert m[f"{d}_meanr_match"] == pytest.approx(5 / 3)
-    assert stage.fusion.seen == {"video", "text"}
-    stage.match_scores(_match_cat(audio=True))  # audio, when the clips have it, goes with its video
-    assert stage.fusion.seen == {"video", "text", "audio"}
+    assert model.fusion.seen == {"video", "text"}
+    # audio, when the clips have it, goes with its video
+    match_retrieval_scores(_match_cat(audio=True), model.match_scores, k=2)
+    assert model.fusion.seen == {"video", "text", "audio"}
 
 
 def test_rerank_needs_the_matching_head():
@@ -216,9 +225,9 @@ def test_zeroshot_classes_from_prompt_templates():
         "up": ["a video of up", "something moving up"],
     }
     with torch.no_grad():
-        classes = stage.class_text_embeddings()
+        classes = stage.model.encode_prompts(stage.class_prompts())
         expect = torch.stack(
-            [F.normalize(stage.encode_text(p).mean(0), dim=0) for p in stage.zeroshot_prompts.values()]
+            [F.normalize(stage.model.encode_text(p).mean(0), dim=0) for p in stage.zeroshot_prompts.values()]
         )
     assert torch.allclose(classes, expect, atol=1e-5)  # CLIP's ensembling: mean of normalised prompts
     bare = ContrastiveStage(**SMALL, zeroshot_classes=["left", "up"])

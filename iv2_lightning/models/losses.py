@@ -1,72 +1,25 @@
-"""Training objectives of the curriculum, as ``nn.Module``s, and cross-rank gathering with gradients.
+"""Training objectives of the curriculum, as ``nn.Module``s: one home for every loss.
 
-* :class:`InfoNCELoss`: the stage-2 video-text contrastive loss (arXiv 2403.15377 Sec. 3.2; the
-  official VTC): symmetric InfoNCE with a learnable temperature (init 0.07, clamped to
-  [0.001, 0.5]), multi-positive targets from sample ids, and negatives gathered from every rank
-  with gradients. The module layout (a ``gather_distributed`` switch, gather with grads) follows
-  lightly's ``NTXentLoss``.
+* :class:`InfoNCELoss`: the stage-2 contrastive loss (arXiv 2403.15377 Sec. 3.2; the official VTC,
+  used for every pair: video-text, audio-text, video-audio, video-speech, audio+video-text):
+  symmetric InfoNCE with a learnable temperature (init 0.07, clamped to [0.001, 0.5]),
+  multi-positive targets from sample ids, rows whose modality is absent masked out, and negatives
+  gathered from every rank with gradients (:mod:`iv2_lightning.models.distributed`). The module
+  layout (a ``gather_distributed`` switch, gather with grads) follows lightly's ``NTXentLoss``.
 * :class:`CosineDistillLoss`: the stage-1 UMT-style teacher distillation loss ``mean(2 - 2 cos)``
   (Sec. 3.1), optionally over a subset of tokens.
 * :class:`MatchingLoss`: the stage-2 video-text matching loss (official VTM): cross-entropy of the
-  2-way matching logits, positives vs the hard negatives.
+  2-way matching logits, positives vs the hard negatives (drawn by
+  :func:`~iv2_lightning.models.heads.sample_hard_negatives`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _world() -> tuple[int, int]:
-    """(rank, world size), or (0, 1) when torch.distributed is not in use."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sends each rank the gradient of its own rows summed over ranks.
-
-    Every rank's loss uses every rank's rows, so the gradient of a rank's input is the sum over
-    ranks of the gradients of their losses with respect to it: all_reduce(SUM), then this rank's slice.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        rank, world = _world()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.rows = rank, x.shape[0]
-        return torch.cat(parts, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
-
-
-def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x [B, ...]`` from every rank along dim 0, keeping gradients to every rank's rows.
-
-    The identity on one process. Every rank must pass the same shape (all_gather needs it).
-    """
-    if _world()[1] == 1:
-        return x
-    return _GatherWithGrad.apply(x)
-
-
-@torch.no_grad()
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x [B, ...]`` from every rank along dim 0 (no gradient; e.g. sample ids)."""
-    world = _world()[1]
-    if world == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts, dim=0)
+from iv2_lightning.models.distributed import gather_no_grad, gather_with_grad, rank, world_size
 
 
 class InfoNCELoss(nn.Module):
@@ -75,10 +28,21 @@ class InfoNCELoss(nn.Module):
     Both are L2-normalised; ``logits = a @ b_all.T / t`` and ``b @ a_all.T / t`` where ``*_all`` are
     gathered from every rank when ``gather_distributed``. With ``sample_ids [B]``, every column with
     the row's id is a positive and the target spreads evenly over them (the official VTC with
-    ``idx``); the loss is ``-Σ target · log_softmax(logits)`` averaged over rows, then over the two
-    directions. The temperature is a parameter when ``learnable`` and is clamped to
-    ``temperature_range`` in forward, out of place (the official code clamps the parameter in
-    place under no_grad); like ``torch.clamp``, a raw value outside the range gets no gradient.
+    ``idx``); without, a row's only positive is its own pair. The loss is
+    ``-Σ target · log_softmax(logits)`` averaged over rows, then over the two directions. The
+    temperature is a parameter when ``learnable`` and is clamped to ``temperature_range`` in
+    forward, out of place (the official code clamps the parameter in place under no_grad); like
+    ``torch.clamp``, a raw value outside the range gets no gradient.
+
+    ``valid [B]`` (bool) marks the rows whose pair exists (a clip without audio has no video-audio
+    pair): the others take part neither as rows nor as columns, and may hold anything, even NaN.
+    Across ranks, each rank's rows are gathered with gradients (ranks may hold different numbers of
+    rows: they are padded with rows that are not valid), each rank sums the loss of its own valid
+    rows against every rank's valid columns and divides by the global number of valid rows, times
+    the world size, which DDP's gradient averaging cancels: the gradient is that of the mean over
+    every valid row however the rows are spread over the ranks, and every rank joins the same
+    collectives whatever its own rows hold. With ``valid``, the loss is None, on every rank alike,
+    when fewer than two rows are valid in the whole (gathered) batch.
     """
 
     def __init__(
@@ -106,6 +70,9 @@ class InfoNCELoss(nn.Module):
             self.temp = nn.Parameter(t)
         else:
             self.register_buffer("temp", t)
+        # the (detached) temperature of the last forward: under DeepSpeed ZeRO-3 a parameter is only
+        # whole inside its module's forward, so code that needs the value elsewhere reads it here
+        self.last_temperature: torch.Tensor | None = None
 
     @property
     def temperature(self) -> torch.Tensor:
@@ -120,36 +87,48 @@ class InfoNCELoss(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
-        self, a: torch.Tensor, b: torch.Tensor, sample_ids: torch.Tensor | None = None
-    ) -> torch.Tensor:
+        self,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        sample_ids: torch.Tensor | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> torch.Tensor | None:
         if a.dim() != 2 or a.shape != b.shape:
             raise ValueError(f"a and b must both be [B, E]; got {tuple(a.shape)} and {tuple(b.shape)}")
-        if sample_ids is not None and tuple(sample_ids.shape) != (a.shape[0],):
-            raise ValueError(f"sample_ids must be [B] = {(a.shape[0],)}; got {tuple(sample_ids.shape)}")
+        for name, x in (("sample_ids", sample_ids), ("valid", valid)):
+            if x is not None and tuple(x.shape) != (a.shape[0],):
+                raise ValueError(f"{name} must be [B] = {(a.shape[0],)}; got {tuple(x.shape)}")
+        t = self.temperature
+        self.last_temperature = t.detach()
+        masked = valid is not None
+        valid = valid.bool() if masked else torch.ones(a.shape[0], dtype=torch.bool, device=a.device)
         a = F.normalize(a.float(), dim=-1)
         b = F.normalize(b.float(), dim=-1)
-        rows = a.shape[0]
-        if self.gather_distributed:
-            rank = _world()[0]
-            a_all, b_all = gather_with_grad(a), gather_with_grad(b)
-            ids_all = gather_no_grad(sample_ids) if sample_ids is not None else None
+        world = world_size() if self.gather_distributed else 1
+        if world > 1:
+            counts = gather_no_grad(torch.tensor([a.shape[0]], device=a.device)).tolist()
+            if sample_ids is None:  # a row's pair is its own column: number the rows globally
+                sample_ids = torch.arange(a.shape[0], device=a.device) + sum(counts[: rank()])
+            a_all, b_all = gather_with_grad(a, counts), gather_with_grad(b, counts)
+            ids_all, valid_all = gather_no_grad(sample_ids), gather_no_grad(valid)
         else:
-            rank, a_all, b_all, ids_all = 0, a, b, sample_ids
+            if sample_ids is None:
+                sample_ids = torch.arange(a.shape[0], device=a.device)
+            a_all, b_all, ids_all, valid_all = a, b, sample_ids, valid
+        # (without a mask every row counts: no host sync for the count)
+        total = int(valid_all.sum()) if masked else valid_all.shape[0]
+        if masked and total < 2:
+            return None
+        positive = (sample_ids[:, None] == ids_all[None, :]) & valid_all[None, :]
+        target = positive.float() / positive.sum(dim=1, keepdim=True).clamp_min(1).float()
 
-        if sample_ids is None:
-            # the local row i is the global row rank * B + i
-            cols = torch.arange(a_all.shape[0], device=a.device)
-            positive = cols[None, :] == (torch.arange(rows, device=a.device) + rank * rows)[:, None]
-        else:
-            positive = sample_ids[:, None] == ids_all[None, :]
-        target = positive.float() / positive.sum(dim=1, keepdim=True).float()
+        def row_losses(logits: torch.Tensor) -> torch.Tensor:
+            logp = logits.masked_fill(~valid_all[None, :], float("-inf")).log_softmax(dim=1)
+            # where, not multiply: target 0 times logp -inf (a column that is not valid) would be NaN
+            return -torch.where(positive, target * logp, torch.zeros_like(logp)).sum(dim=1)
 
-        t = self.temperature
-        logits_ab = a @ b_all.T / t
-        logits_ba = b @ a_all.T / t
-        loss_ab = -(target * logits_ab.log_softmax(dim=1)).sum(dim=1).mean()
-        loss_ba = -(target * logits_ba.log_softmax(dim=1)).sum(dim=1).mean()
-        return (loss_ab + loss_ba) / 2
+        per_row = (row_losses(a @ b_all.T / t) + row_losses(b @ a_all.T / t)) / 2
+        return torch.where(valid, per_row, torch.zeros_like(per_row)).sum() * world / max(total, 1)
 
 
 class CosineDistillLoss(nn.Module):

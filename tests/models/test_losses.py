@@ -1,4 +1,5 @@
-"""Losses: InfoNCE by hand (single and multi-positive), temperature, gathering, distillation, matching."""
+"""Losses: InfoNCE by hand (single and multi-positive, masked rows), temperature, gathering, distillation,
+matching."""
 
 from __future__ import annotations
 
@@ -9,13 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iv2_lightning.models.losses import (
-    CosineDistillLoss,
-    InfoNCELoss,
-    MatchingLoss,
-    gather_no_grad,
-    gather_with_grad,
-)
+from iv2_lightning.models.distributed import gather_no_grad, gather_with_grad
+from iv2_lightning.models.losses import CosineDistillLoss, InfoNCELoss, MatchingLoss
 
 
 def nll(row: list[float], weights: list[float]) -> float:
@@ -96,6 +92,26 @@ def test_infonce_errors():
         loss_fn(torch.randn(4, 8), torch.randn(4, 8), torch.arange(3))
     with pytest.raises(ValueError, match=r"temperature_range must satisfy 0 < low <= high; got \(0.5, 0.1\)"):
         InfoNCELoss(temperature_range=(0.5, 0.1))
+
+
+def test_masked_infonce_equals_infonce_on_the_valid_rows():
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
+    ids = torch.tensor([0, 1, 0, 2, 3, 1, 4])
+    valid = torch.tensor([True, True, False, True, True, True, False])
+    loss_fn = InfoNCELoss(temperature=0.1, learnable=False)
+    ref = loss_fn(a[valid], b[valid], ids[valid])
+    got = loss_fn(a, b, ids, valid)
+    assert torch.allclose(got, ref, atol=1e-6)
+    # rows that are not valid may hold anything, even NaN
+    a2 = a.clone()
+    a2[2] = float("nan")
+    assert torch.allclose(loss_fn(a2, b, ids, valid), ref, atol=1e-6)
+    assert loss_fn(a, b, ids, torch.tensor([True] + [False] * 6)) is None
+    # without ids the pairs are the diagonal, with or without a mask
+    assert torch.allclose(loss_fn(a, b, valid=valid), loss_fn(a[valid], b[valid]), atol=1e-6)
+    with pytest.raises(ValueError, match=r"valid must be \[B\] = \(7,\); got \(3,\)"):
+        loss_fn(a, b, ids, valid[:3])
 
 
 def test_gather_is_identity_on_one_process():

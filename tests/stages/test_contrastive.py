@@ -14,9 +14,10 @@ from stage_helpers import TINY
 
 from iv2_lightning.data.batch import VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.datamodules import SyntheticVideoDataModule
-from iv2_lightning.data.synthetic import DIRECTIONS, SyntheticVideoDataset
+from iv2_lightning.data.synthetic import DIRECTIONS, SyntheticVideoDataset, direction_prompts
+from iv2_lightning.metrics import retrieval_scores
 from iv2_lightning.models.losses import InfoNCELoss
-from iv2_lightning.stages.contrastive import ContrastiveStage, masked_info_nce
+from iv2_lightning.stages.contrastive import ContrastiveStage
 
 SMALL = dict(
     encoder=dict(TINY),
@@ -69,7 +70,7 @@ def test_full_batch_every_term_is_finite_and_summed():
     out = s.compute_loss(full_batch())
     finite_terms(out)
     assert set(ALL_TERMS) <= set(out)
-    expect = sum(s.loss_weights[k] * out[k] for k in ALL_TERMS)
+    expect = sum(s.model.loss_weights[k] * out[k] for k in ALL_TERMS)
     assert torch.allclose(out["loss"], expect)
     assert out["temperature"].item() == pytest.approx(0.07)
     assert "gate_video_text" in out and "gate_text_audio" in out
@@ -162,23 +163,8 @@ def test_gradients_reach_every_module():
         "mlm_head",
         "contrastive",
     ):
-        total = sum(float(p.grad.abs().sum()) for p in getattr(s, name).parameters())
+        total = sum(float(p.grad.abs().sum()) for p in getattr(s.model, name).parameters())
         assert total > 0, name
-
-
-def test_masked_info_nce_equals_infonce_on_the_valid_rows():
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(7, 16, generator=g), torch.randn(7, 16, generator=g)
-    ids = torch.tensor([0, 1, 0, 2, 3, 1, 4])
-    valid = torch.tensor([True, True, False, True, True, True, False])
-    ref = InfoNCELoss(temperature=0.1, learnable=False)(a[valid], b[valid], ids[valid])
-    got = masked_info_nce(a, b, ids, valid, 0.1)
-    assert torch.allclose(got, ref, atol=1e-6)
-    # rows that are not valid may hold anything, even NaN
-    a2 = a.clone()
-    a2[2] = float("nan")
-    assert torch.allclose(masked_info_nce(a2, b, ids, valid, 0.1), ref, atol=1e-6)
-    assert masked_info_nce(a, b, ids, torch.tensor([True] + [False] * 6), 0.1) is None
 
 
 def _free_port() -> int:
@@ -205,7 +191,8 @@ def _ddp_worker(rank, world, port, cases, stage_samples, out_dir):
             rows = slice(sum(split[:rank]), sum(split[: rank + 1]))
             a_r = a[rows].clone().requires_grad_(True)
             b_r = b[rows].clone().requires_grad_(True)
-            loss = masked_info_nce(a_r, b_r, ids[rows], valid[rows], 0.1, gather_distributed=True)
+            loss_fn = InfoNCELoss(temperature=0.1, learnable=False, gather_distributed=True)
+            loss = loss_fn(a_r, b_r, ids[rows], valid[rows])
             loss.backward()
             results.append({"loss": loss.detach(), "a": a_r.grad, "b": b_r.grad})
         # the whole stage, with a rank whose batch is shorter and has no audio or speech at all
@@ -219,7 +206,7 @@ def _ddp_worker(rank, world, port, cases, stage_samples, out_dir):
 
 
 @pytest.mark.slow
-def test_masked_info_nce_two_processes_matches_one(tmp_path):
+def test_masked_infonce_two_processes_matches_one(tmp_path):
     """Two ranks with different numbers of valid rows, different batch sizes, or no valid row at
     all on one rank: after DDP's gradient averaging (a mean over ranks) the gradients are those of
     the mean loss over every valid row of the global batch."""
@@ -241,7 +228,7 @@ def test_masked_info_nce_two_processes_matches_one(tmp_path):
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for i, (a, b, ids, valid, _) in enumerate(cases):
         a_full, b_full = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        loss = masked_info_nce(a_full, b_full, ids, valid, 0.1, gather_distributed=False)
+        loss = InfoNCELoss(temperature=0.1, learnable=False)(a_full, b_full, ids, valid)
         loss.backward()
         assert torch.allclose((res[0][i]["loss"] + res[1][i]["loss"]) / world, loss, atol=1e-6), i
         for key, full in (("a", a_full.grad), ("b", b_full.grad)):
@@ -262,12 +249,14 @@ def test_masked_info_nce_two_processes_matches_one(tmp_path):
 
 def test_modules_follow_the_weights():
     s = stage(atc=0, vac=0, avtc=0, vtm=0)
-    assert s.audio_encoder is None and s.audio_proj is None and s.av_fusion is None
-    assert s.fusion is None and s.itm_head is None and s.mlm_head is None
+    m = s.model
+    assert m.audio_encoder is None and m.audio_proj is None and m.av_fusion is None
+    assert m.fusion is None and m.itm_head is None and m.mlm_head is None
     out = s.train().compute_loss(full_batch(4))
     assert set(out) & set(ALL_TERMS) == {"vtc", "vsc"}
     s = stage(mlm=1.0)
-    assert s.fusion is not None and "audio" in s.fusion.input_dims and s.mlm_head is not None
+    m = s.model
+    assert m.fusion is not None and "audio" in m.fusion.input_dims and m.mlm_head is not None
     assert s.hparams["mlm"] == 1.0 and s.hparams["text"]["dim"] == 64
     assert s.stage_name == "stage2"
 
@@ -289,15 +278,57 @@ def test_bad_arguments(kw, match):
 
 def test_freeze_text_encoder_keeps_its_weights():
     s = stage(freeze=["text_encoder"]).train()
-    before_text = {n: p.detach().clone() for n, p in s.text_encoder.named_parameters()}
-    before_video = {n: p.detach().clone() for n, p in s.video_encoder.named_parameters()}
+    before_text = {n: p.detach().clone() for n, p in s.model.text_encoder.named_parameters()}
+    before_video = {n: p.detach().clone() for n, p in s.model.video_encoder.named_parameters()}
     opt = s.configure_optimizers()["optimizer"]
     for _ in range(2):
         opt.zero_grad()
         s.compute_loss(full_batch())["loss"].backward()
         opt.step()
-    assert all(torch.equal(p, before_text[n]) for n, p in s.text_encoder.named_parameters())
-    assert any(not torch.equal(p, before_video[n]) for n, p in s.video_encoder.named_parameters())
+    assert all(torch.equal(p, before_text[n]) for n, p in s.model.text_encoder.named_parameters())
+    assert any(not torch.equal(p, before_video[n]) for n, p in s.model.video_encoder.named_parameters())
+
+
+def test_loss_weights_default_to_what_the_data_provides():
+    s = stage(data_fields=["caption", "label"])
+    assert {k for k, w in s.model.loss_weights.items() if w > 0} == {"vtc", "vtm"}
+    assert s.model.audio_encoder is None and s.hparams["atc"] is None
+    assert s.batch_contract() == {"vtc": ("video", "caption"), "vtm": ("video", "caption")}
+    every = stage(data_fields=["audio", "caption", "speech"])
+    assert every.model.loss_weights == stage().model.loss_weights  # unknown data: every term, as before
+    assert set(every.batch_contract()) == {"vtc", "atc", "vac", "vsc", "avtc", "vtm"}
+
+
+def test_the_batch_contract_names_the_term_and_the_field():
+    s = stage(atc=0.5, data_fields=["caption"])  # an explicit weight stays on whatever the data has
+    with pytest.raises(ValueError, match=r"term 'atc' needs audio.*data_fields"):
+        s.setup("fit")
+    s = stage(vsc=0.0)  # the data's fields unknown: the first training batch is checked
+    no_audio = batch_of([replace(x, audio=None) for x in synthetic_samples(4)])
+    with pytest.raises(ValueError, match=r"term 'vac' needs audio.*first training batch"):
+        s.on_train_batch_start(no_audio, 0)
+
+
+def test_pictures_come_from_a_callback_that_encodes_the_first_batch():
+    from iv2_lightning.callbacks.pictures import ContrastivePictures
+    from iv2_lightning.visualize import contrastive_pictures
+
+    assert stage(visual_clips=0).configure_callbacks() == []
+    s = stage(visual_clips=3).eval()
+    (callback,) = s.configure_callbacks()
+    assert isinstance(callback, ContrastivePictures) and callback.clips == 3
+    samples = [replace(x, video=x.video[:, :4]) for x in synthetic_samples(4)]  # the encoder's frames
+    samples[1] = replace(samples[1], caption=None)
+    b = batch_of(samples)
+    with torch.no_grad():
+        outputs = s.compute_loss(b)  # what the evaluation step returns too
+        record = callback.record(s.model, b, outputs)
+        video_emb = s.model.encode_video(b.video[:3])
+    assert torch.allclose(record["video_emb"], video_emb, atol=1e-6)
+    assert record["text_present"].tolist() == [True, False, True] and not record["text_emb"][1].any()
+    assert record["attention"].shape[0] == 3 and set(record["gates"]) >= {"video_text", "text_video"}
+    images, _ = contrastive_pictures(record)
+    assert {"similarity", "retrieval_topk", "pool_attention", "fusion_gates"} <= set(images)
 
 
 # ----------------------------------------------------------------------------- encoders, evaluation
@@ -307,11 +338,14 @@ def test_encoders_return_normalised_embeddings():
     s = stage().eval()
     b = full_batch(4)
     with torch.no_grad():
-        v = s.encode_video(b.video)
-        t_ids = s.encode_text(b.caption_ids, b.caption_mask)
-        t_str = s.encode_text(b.captions)
-        a = s.encode_audio(b.audio, b.audio_frame_mask)
-        classes = s.class_text_embeddings()
+        v = s.model.encode_video(b.video)
+        t_ids = s.model.encode_text(b.caption_ids, b.caption_mask)
+        t_str = s.model.encode_text(b.captions)
+        a = s.model.encode_audio(b.audio, b.audio_frame_mask)
+    assert s.class_prompts() is None  # no prompts of its own, no trainer and DataModule to ask
+    s = stage(zeroshot_prompts=direction_prompts()).eval()
+    with torch.no_grad():
+        classes = s.model.encode_prompts(s.class_prompts())
     for x in (v, t_ids, a):
         assert x.shape == (4, 32) and torch.allclose(x.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert torch.allclose(t_ids, t_str, atol=1e-5)  # padding does not change a caption's embedding
@@ -323,8 +357,8 @@ def test_custom_prompts_and_label_order():
     prompts = {"cat": ["a cat", "a photo of a cat"], "dog": ["a dog"]}
     s = stage(zeroshot_prompts=prompts, label_names=["dog", "cat"]).eval()
     with torch.no_grad():
-        classes = s.class_text_embeddings()
-        dog = s.encode_text(["a dog"])[0]
+        classes = s.model.encode_prompts(s.class_prompts())
+        dog = s.model.encode_text(["a dog"])[0]
     assert s.label_names == ["dog", "cat"]
     assert torch.allclose(classes[0], dog, atol=1e-5)
 
@@ -332,7 +366,7 @@ def test_custom_prompts_and_label_order():
 def test_retrieval_scores_with_perfect_embeddings():
     ids = torch.tensor([0, 1, 2, 3, 0])
     emb = torch.nn.functional.one_hot(ids, 8).float()
-    m = ContrastiveStage.retrieval_scores(emb, emb, ids)
+    m = retrieval_scores(emb, emb, ids)
     keys = [
         f"{d}_{k}{s}"
         for d in ("t2v", "v2t")
@@ -344,7 +378,7 @@ def test_retrieval_scores_with_perfect_embeddings():
     assert m["t2v_r1_dsl"] == 100.0
     # only present texts are queries
     present = torch.tensor([True, False, True, True, True])
-    assert ContrastiveStage.retrieval_scores(emb, emb, ids, present)["v2t_r1"] == 100.0
+    assert retrieval_scores(emb, emb, ids, present)["v2t_r1"] == 100.0
 
 
 def test_trainer_fit_validate_test_log_the_metrics(tmp_path):
@@ -390,8 +424,31 @@ def test_trainer_fit_validate_test_log_the_metrics(tmp_path):
     loaded = ContrastiveStage.load_from_checkpoint(tmp_path / "stage2.ckpt").eval()
     video = full_batch(2).video
     with torch.no_grad():
-        assert torch.allclose(loaded.encode_video(video), s.eval().encode_video(video), atol=1e-6)
-    assert loaded.hparams["mlm"] == 0.5 and loaded.mlm_head is not None
+        assert torch.allclose(loaded.model.encode_video(video), s.eval().model.encode_video(video), atol=1e-6)
+    assert loaded.hparams["mlm"] == 0.5 and loaded.model.mlm_head is not None
+
+
+def test_zero_shot_skips_labels_beyond_the_prompted_classes(tmp_path):
+    """Two prompted classes, data labelled with four directions: the test loop neither crashes nor
+    counts the clips whose label has no prompt (one warning says so)."""
+    dm = SyntheticVideoDataModule(
+        num_frames=8, image_size=32, batch_size=4, train_size=0, val_size=0, test_size=8, max_text_length=48
+    )
+    s = stage(zeroshot_prompts={"left": ["moving left"], "right": ["moving right"]}, visual_clips=0)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    with pytest.warns(UserWarning, match="only 2 classes have prompts"):
+        trainer.test(s, dm, verbose=False)
+    assert 0 <= float(trainer.callback_metrics["test/zs_acc"]) <= 100
+    assert "test/t2v_r1" in trainer.callback_metrics
+    # without prompts of its own or of the data there is no zero-shot metric, and no error
+    s = stage(visual_clips=0)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
+    trainer.test(s, dataloaders=torch.utils.data.DataLoader([full_batch(4)], batch_size=None), verbose=False)
+    assert "test/zs_acc" not in trainer.callback_metrics and "test/t2v_r1" in trainer.callback_metrics
 
 
 # ----------------------------------------------------------------------------- learning
@@ -437,10 +494,10 @@ def test_learns_on_synthetic_data():
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     s.eval()
     with torch.no_grad():
-        v = torch.cat([s.encode_video(b.video) for b in val])
-        t = torch.cat([s.encode_text(b.caption_ids, b.caption_mask) for b in val])
+        v = torch.cat([s.model.encode_video(b.video) for b in val])
+        t = torch.cat([s.model.encode_text(b.caption_ids, b.caption_mask) for b in val])
     ids = torch.cat([b.sample_id for b in val])
-    m = ContrastiveStage.retrieval_scores(v, t, ids)
+    m = retrieval_scores(v, t, ids)
     chance = _chance_r5(ids)
     print(f"vtc {first:.3f} -> {last:.3f}; val t2v R@5 {m['t2v_r5']:.1f} (chance {chance:.1f})")
     assert last < 0.7 * first
