@@ -3,8 +3,10 @@
 ``iv2 COMMAND ...`` dispatches on the first word:
 
 * ``fit | validate | test | predict``: a LightningCLI (subclass mode for model and data, so a config
-  names ``model.class_path`` and ``data.class_path``; the data's ``num_frames``, ``image_size`` and
-  ``tokenizer`` are linked into the model; TensorBoard logger, Rich progress bar, seed 0 by default);
+  names ``model.class_path`` and ``data.class_path``; the data's ``num_frames``, ``image_size``,
+  ``tokenizer`` and ``max_audio_frames`` are linked into the model, and its ``modalities`` become
+  the model's ``data_fields`` (:mod:`iv2_lightning.lightning_cli`); TensorBoard logger, Rich progress
+  bar, seed 0 by default);
 * ``curriculum``: stage 1 → 2 → 3 → action probe, each a ``fit`` in its own folder
   (:mod:`iv2_lightning.curriculum`);
 * tool commands (presets, synth, prepare, segment, embed, search, caption, chat,
@@ -71,7 +73,7 @@ TOOLS: dict[str, tuple[str, str]] = {
         "Lightning .ckpt or DeepSpeed ZeRO folder -> fp32 shared weights for init_from",
     ),
     "convert": (
-        "iv2_lightning.models.convert:convert_main",
+        "iv2_lightning.convert:convert_main",
         "official InternVideo2 checkpoint -> iv2 weights for init_from (--verify checks parity)",
     ),
 }

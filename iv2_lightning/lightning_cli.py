@@ -1,9 +1,16 @@
 """The LightningCLI behind ``iv2 fit | validate | test | predict``.
 
 Subclass mode for model (any :class:`~iv2_lightning.stages.BaseStage`) and data (any
-:class:`~iv2_lightning.data.datamodules.VideoDataModuleBase`); the clip geometry and the tokenizer
-are set once, on the data, and linked into the model. A wrong key or type fails at parse time and
-jsonargparse names the key.
+:class:`~iv2_lightning.data.datamodules.VideoDataModuleBase`). What the data decides is set once, on
+the data, and linked into the model when the config is parsed: the clip geometry (``num_frames``,
+``image_size``), the ``tokenizer``, the audio length (``max_audio_frames``: the stage's audio encoder
+accepts what the data yields) and the batch fields (``data.modalities`` → the stage's
+``data_fields``, which its batch contract is checked against and its loss terms default to).
+Parse-time links (rather than links from the instantiated data) keep the values in the saved
+``config.yaml`` and in what ``iv2 estimate`` and ``iv2 curriculum`` parse. With ``--ckpt_path``
+(``iv2 test --config configs/eval/...``) the checkpoint's ``data_fields`` stand, since they decide
+which modules the stage has. A wrong key or type fails at parse time and jsonargparse
+names the key.
 
 Every trainer it builds writes checkpoints atomically (:class:`~iv2_lightning.io.AtomicCheckpointIO`),
 stores the random generators in them (:class:`~iv2_lightning.io.RngState`) and reports skipped
@@ -24,7 +31,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_info
 
 from iv2_lightning.callbacks import DataErrorReport
-from iv2_lightning.data.datamodules import VideoDataModuleBase
+from iv2_lightning.data.datamodules import VideoDataModuleBase, batch_fields_for
 from iv2_lightning.io import (
     ResumeCheckpoint,
     RngState,
@@ -35,11 +42,15 @@ from iv2_lightning.io import (
 )
 from iv2_lightning.stages.base import BaseStage
 
+#: data arguments the model takes as they are (the data's ``modalities`` become ``data_fields``)
+DATA_TO_MODEL = ("num_frames", "image_size", "tokenizer", "max_audio_frames")
+
 
 class IV2CLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        for key in ("num_frames", "image_size", "tokenizer"):
+        for key in DATA_TO_MODEL:
             parser.link_arguments(f"data.init_args.{key}", f"model.init_args.{key}")
+        parser.link_arguments("data.init_args.modalities", "model.init_args.data_fields", batch_fields_for)
 
     def instantiate_trainer(self, **kwargs: Any):
         # the callbacks of the config, copied before the Trainer adds its defaults to the same list
@@ -63,11 +74,18 @@ class IV2CLI(LightningCLI):
     def _parse_ckpt_path(self) -> None:
         # LightningCLI reads a --ckpt_path file (weights_only=True) for its hyperparameters before
         # anything else; check it first so an unsafe or damaged file fails with a message naming it
+        hparams: dict[str, Any] = {}
         if self.config.get("subcommand"):
             ckpt_path = self.config[self.config.subcommand].get("ckpt_path")
             if ckpt_path and Path(ckpt_path).is_file():
-                load_checkpoint_file(ckpt_path, mmap=True)
+                hparams = load_checkpoint_file(ckpt_path, mmap=True).get("hyper_parameters") or {}
         super()._parse_ckpt_path()
+        if "data_fields" in hparams:
+            # the checkpoint's hyperparameters replaced the config's model arguments, but the links
+            # then set data_fields from this run's data; a stage decides which loss terms (and so
+            # which modules) exist from data_fields, so the checkpoint's value must stand, or its
+            # weights would not fit (an evaluation usually reads fewer modalities than training)
+            self.config[self.config.subcommand]["model"]["init_args"]["data_fields"] = hparams["data_fields"]
 
     def _resume_last(self) -> bool:
         return self.subcommand == "fit" and self.config.get(self.subcommand, {}).get("ckpt_path") == "last"

@@ -8,6 +8,8 @@ One row per clip::
 
 Only ``video`` (a path relative to the dataset root, or absolute) is required. ``caption`` may be a
 string or a list of strings (one is drawn per epoch in training, the first is used in evaluation).
+``label`` is a class index, or a class name when the reader is given the class names
+(``label_names``): ``"label": "dog"`` then means the index of ``"dog"`` in them.
 
 How the InternVideo2 / UMT annotation files map onto this: their JSON lists of
 ``{"video": ..., "caption": ...}`` rows (MSR-VTT, DiDeMo, WebVid style) load as they are; their
@@ -26,7 +28,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,8 +76,31 @@ def _text(value: Any, key: str) -> str:
     return value
 
 
-def parse_row(raw: dict[str, Any], path: str | Path, line: int) -> AnnotationRow:
-    """Validate one raw row; raises :class:`AnnotationError` naming the file, line and field."""
+def _label(value: Any, label_names: Sequence[str] | None) -> int | None:
+    """A row's class index: an integer (negative = unlabelled), or one of ``label_names`` by name."""
+    if value in (None, ""):
+        return None
+    if label_names is not None and isinstance(value, str) and value in label_names:
+        return list(label_names).index(value)
+    if isinstance(value, bool) or not str(value).lstrip("-").isdigit():
+        if label_names is not None:
+            raise ValueError(
+                f"label {value!r} is neither an integer nor one of label_names {list(label_names)}"
+            )
+        raise ValueError(f"label must be an integer; got {value!r}")
+    label = int(value)
+    if not LABEL_RANGE[0] <= label <= LABEL_RANGE[1]:
+        raise ValueError(f"label {label} does not fit in a 64-bit integer")
+    if label_names is not None and label >= len(label_names):
+        raise ValueError(f"label {label} is past the {len(label_names)} label_names {list(label_names)}")
+    return label
+
+
+def parse_row(
+    raw: dict[str, Any], path: str | Path, line: int, label_names: Sequence[str] | None = None
+) -> AnnotationRow:
+    """Validate one raw row; raises :class:`AnnotationError` naming the file, line and field.
+    ``label_names``: the class names, so that a row may name its label (see :func:`_label`)."""
     try:
         row = {ALIASES.get(k, k): v for k, v in raw.items()}
         if not row.get("video"):
@@ -89,15 +114,7 @@ def parse_row(raw: dict[str, Any], path: str | Path, line: int) -> AnnotationRow
             captions = [_text(c, "caption") for c in captions]
         else:
             raise ValueError(f"caption must be a string or a list of strings; got {type(captions).__name__}")
-        label = row.get("label")
-        if label not in (None, ""):
-            if isinstance(label, bool) or not str(label).lstrip("-").isdigit():
-                raise ValueError(f"label must be an integer; got {label!r}")
-            label = int(label)
-            if not LABEL_RANGE[0] <= label <= LABEL_RANGE[1]:
-                raise ValueError(f"label {label} does not fit in a 64-bit integer")
-        else:
-            label = None
+        label = _label(row.get("label"), label_names)
         span = []
         for key in ("start", "end"):
             value = row.get(key)
@@ -202,12 +219,14 @@ def _raw_rows(path: Path):
 
 
 def load_annotations(
-    path: str | Path, on_error: str = "raise"
+    path: str | Path, on_error: str = "raise", label_names: Sequence[str] | None = None
 ) -> tuple[list[AnnotationRow], list[AnnotationError]]:
     """Read a JSONL / JSON / CSV annotation file.
 
     Returns the valid rows and the errors of the invalid ones. With ``on_error="raise"`` the first
     invalid row raises :class:`AnnotationError`; with ``"skip"`` invalid rows are left out.
+    ``label_names``: the class names in label order; rows may then give their label by name, and an
+    integer label past the names is an invalid row.
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip'; got {on_error!r}")
@@ -219,7 +238,7 @@ def load_annotations(
         try:
             if isinstance(raw, Exception):
                 raise AnnotationError(path, line, str(raw))
-            rows.append(parse_row(raw, path, line))
+            rows.append(parse_row(raw, path, line, label_names))
         except AnnotationError as err:
             if on_error == "raise":
                 raise

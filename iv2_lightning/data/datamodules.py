@@ -3,6 +3,13 @@
 All three yield :class:`~iv2_lightning.data.batch.VideoBatch` and share one base for batch size,
 workers, tokenizer and the skipped-sample log. Constructor arguments are typed so LightningCLI
 configs can set them (a wrong key or type fails at parse time naming the key).
+
+The data tells the model what it is (the CLI links these into the stage, so a config says each once):
+the clip geometry (``num_frames``, ``image_size``), the ``tokenizer``, the audio length
+(``max_audio_frames``), the batch fields it yields (:attr:`VideoDataModuleBase.batch_fields`, which
+the stage's batch contract is checked against) and, for zero-shot classification, its class names
+as text prompts (:meth:`VideoDataModuleBase.class_prompts`): the class names belong to the dataset,
+as in CLIP-style zero-shot action recognition (InternVideo2, arXiv 2403.15377, evaluates it so).
 """
 
 from __future__ import annotations
@@ -20,21 +27,54 @@ from torch.utils.data import DataLoader, Dataset
 
 from iv2_lightning.data.batch import MODALITIES, SkippedSample, VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.datasets import OnError, SkipLog, VideoTextDataset, collect_skipped
-from iv2_lightning.data.synthetic import SyntheticVideoDataset
+from iv2_lightning.data.synthetic import SyntheticVideoDataset, direction_prompts
 from iv2_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
 from iv2_lightning.data.video_io import VideoDecodeError, read_clip
-from iv2_lightning.models.text import build_tokenizer
+from iv2_lightning.features.tokenizers import build_tokenizer
 
 log = logging.getLogger(__name__)
 
 Modality = Literal["audio", "caption", "speech", "label", "qa"]
 ALL_MODALITIES: list[Modality] = list(MODALITIES)
+#: the prompts a class name goes into when a VideoTextDataModule gets none: the bare name (what short
+#: captions look like) and CLIP's "a photo of {}" phrased for video; their text embeddings are averaged
+DEFAULT_PROMPT_TEMPLATES = ("{}", "a video of {}")
 #: the Lightning trainer stage that reads each split (the keys of ``skip_logs``)
 STAGE_OF_SPLIT = {"train": "train", "val": "validate", "test": "test", "predict": "predict"}
 
 
+def batch_fields_for(modalities: list[str] | None) -> list[str]:
+    """The batch fields a DataModule with these ``modalities`` yields (None: every modality): the
+    video, then the modalities (names as in a stage's ``batch_contract``; ``qa`` = dialogue turns).
+    The CLI computes the model's ``data_fields`` with it from the data's ``modalities``."""
+    return ["video", *(ALL_MODALITIES if modalities is None else modalities)]
+
+
+def prompts_for(label_names: list[str], templates: list[str]) -> dict[str, list[str]]:
+    """``{class name: [each template with "{}" replaced by the name]}`` in label order; fails naming a
+    template without ``"{}"``, and on empty or repeated names."""
+    if not templates:
+        raise ValueError("prompt_templates is empty; give at least one template holding '{}'")
+    bad = [t for t in templates if "{}" not in t]
+    if bad:
+        raise ValueError(f"prompt_templates {bad} hold no '{{}}' where the class name goes")
+    if not label_names or any(not str(n).strip() for n in label_names):
+        raise ValueError(f"label_names must be non-empty class names; got {label_names}")
+    repeated = sorted({n for n in label_names if label_names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"label_names repeats {repeated}; each class needs its own name")
+    return {name: [t.replace("{}", name) for t in templates] for name in label_names}
+
+
 class VideoDataModuleBase(L.LightningDataModule):
-    """What every video DataModule shares: loaders, collate (tokenizer), skipped-sample log."""
+    """What every video DataModule shares: loaders, collate (tokenizer), skipped-sample log.
+
+    ``max_audio_frames``: the kaldi fbank frames (10 ms each) of sound kept per clip. A longer track
+    is cropped to the window of that many frames centred on the sampled video frames, not resampled
+    (:func:`~iv2_lightning.data.video_io.audio_window` says why); the CLI links it into the stage,
+    whose audio encoder then accepts exactly that length. The default 1024 (10.24 s) is the official
+    recipe's "at most 10 s" and the audio encoder's own default.
+    """
 
     def __init__(
         self,
@@ -59,6 +99,9 @@ class VideoDataModuleBase(L.LightningDataModule):
         self.tokenizer_name = tokenizer
         self.tokenizer = build_tokenizer(tokenizer)
         self.max_text_length = max_text_length
+        if isinstance(max_audio_frames, bool) or max_audio_frames < 1:
+            raise ValueError(f"max_audio_frames must be an integer >= 1; got {max_audio_frames!r}")
+        self.max_audio_frames = max_audio_frames
         self.pin_memory = pin_memory
         self.mean, self.std = tuple(mean), tuple(std)
         # the collate checks the modality names and drops the switched-off ones from every sample
@@ -71,6 +114,17 @@ class VideoDataModuleBase(L.LightningDataModule):
         # one log per trainer stage ("train", "validate", "test", "predict"); rows dropped at load go to "train"
         self.skip_logs: dict[str, SkipLog] = defaultdict(SkipLog)
         self.datasets: dict[str, Dataset] = {}
+
+    @property
+    def batch_fields(self) -> list[str]:
+        """The fields this data's batches carry (``video`` and the switched-on modalities); the
+        stage checks its batch contract against them when a fit starts."""
+        return batch_fields_for(self.modalities)
+
+    def class_prompts(self) -> dict[str, list[str]] | None:
+        """``{class name: text prompts}`` in label order for zero-shot classification, or None when
+        the data has no class names."""
+        return None
 
     def transform(self, train: bool) -> VideoTransform:
         return VideoTransform(self.image_size, train=train, mean=self.mean, std=self.std)
@@ -92,7 +146,11 @@ class VideoDataModuleBase(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | list:
+        # no validation data (no val_annotations, val_size 0): a fit trains without validating,
+        # which Lightning does for an empty list of loaders
+        if "val" not in self.datasets:
+            return []
         return self._loader("val", shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
@@ -111,7 +169,12 @@ class VideoDataModuleBase(L.LightningDataModule):
 
 
 class SyntheticVideoDataModule(VideoDataModuleBase):
-    """The embedded synthetic multimodal clips (no download): see :mod:`iv2_lightning.data.synthetic`."""
+    """The embedded synthetic multimodal clips (no download): see :mod:`iv2_lightning.data.synthetic`.
+
+    A clip's sound lasts as long as its frames (``num_frames / fps`` s: 98 fbank frames at the
+    defaults), so ``max_audio_frames`` crops nothing unless it is smaller (the collate then keeps
+    the first frames). The labels are the first object's direction; :meth:`class_prompts` gives
+    the direction prompts."""
 
     def __init__(
         self,
@@ -128,6 +191,7 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
         modalities: list[Modality] | None = None,
         tokenizer: str = "byte",
         max_text_length: int = 64,
+        max_audio_frames: int = 1024,
         pin_memory: bool = False,
     ) -> None:
         super().__init__(
@@ -138,6 +202,7 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
             modalities=modalities,
             tokenizer=tokenizer,
             max_text_length=max_text_length,
+            max_audio_frames=max_audio_frames,
             pin_memory=pin_memory,
         )
         self.sizes = {"train": train_size, "val": val_size, "test": test_size}
@@ -159,6 +224,10 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
             transform=self.transform(train=False),
         )
 
+    def class_prompts(self) -> dict[str, list[str]]:
+        """The direction prompts (labels are direction indices, in the same order)."""
+        return direction_prompts()
+
     def setup(self, stage: str | None = None) -> None:
         for split, size in self.sizes.items():
             if size > 0 and split not in self.datasets:
@@ -166,7 +235,15 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
 
 
 class VideoTextDataModule(VideoDataModuleBase):
-    """Clips listed in annotation files (JSONL / JSON / CSV, see :mod:`iv2_lightning.data.annotations`)."""
+    """Clips listed in annotation files (JSONL / JSON / CSV, see :mod:`iv2_lightning.data.annotations`).
+
+    ``max_audio_frames``: a clip's sound longer than that many fbank frames is cropped to the window
+    centred on its sampled frames, and only that window is decoded (see the base class).
+    ``label_names``: the class names in label order; rows may then give ``label`` by name, and
+    :meth:`class_prompts` puts each name into every ``prompt_templates`` entry (each holds ``{}``
+    where the name goes; default :data:`DEFAULT_PROMPT_TEMPLATES`, ``["{}", "a video of {}"]``).
+    Without ``label_names`` there are no class prompts, and ``prompt_templates`` is refused.
+    """
 
     def __init__(
         self,
@@ -182,6 +259,7 @@ class VideoTextDataModule(VideoDataModuleBase):
         modalities: list[Modality] | None = None,
         tokenizer: str = "byte",
         max_text_length: int = 32,
+        max_audio_frames: int = 1024,
         caption_source: Literal["caption", "fused"] = "caption",
         on_error: OnError = "skip",
         train_crop_scale: tuple[float, float] = (0.5, 1.0),
@@ -190,6 +268,8 @@ class VideoTextDataModule(VideoDataModuleBase):
         std: tuple[float, float, float] = IMAGENET_STD,
         pin_memory: bool = False,
         seed: int = 0,
+        label_names: list[str] | None = None,
+        prompt_templates: list[str] | None = None,
     ) -> None:
         super().__init__(
             num_frames=num_frames,
@@ -199,9 +279,20 @@ class VideoTextDataModule(VideoDataModuleBase):
             modalities=modalities,
             tokenizer=tokenizer,
             max_text_length=max_text_length,
+            max_audio_frames=max_audio_frames,
             pin_memory=pin_memory,
             mean=mean,
             std=std,
+        )
+        if label_names is None and prompt_templates is not None:
+            raise ValueError("prompt_templates needs label_names (the class names to put into them)")
+        self.label_names = None if label_names is None else list(label_names)
+        self.prompt_templates = list(
+            DEFAULT_PROMPT_TEMPLATES if prompt_templates is None else prompt_templates
+        )
+        # built now, so that a template without "{}" fails when the config is read, not at validation
+        self._class_prompts = (
+            None if self.label_names is None else prompts_for(self.label_names, self.prompt_templates)
         )
         self.files = {
             "train": train_annotations,
@@ -217,6 +308,10 @@ class VideoTextDataModule(VideoDataModuleBase):
         self.train_crop_scale = train_crop_scale
         self.flip = flip
         self.seed = seed
+
+    def class_prompts(self) -> dict[str, list[str]] | None:
+        """Each of ``label_names`` in every prompt template, in label order (None without names)."""
+        return None if self._class_prompts is None else {k: list(v) for k, v in self._class_prompts.items()}
 
     def transform(self, train: bool) -> VideoTransform:
         return VideoTransform(
@@ -241,6 +336,8 @@ class VideoTextDataModule(VideoDataModuleBase):
                     caption_source=self.caption_source,
                     on_error=self.on_error,
                     seed=self.seed,
+                    max_audio_frames=self.max_audio_frames,
+                    label_names=self.label_names,
                 )
                 self.skip_logs[STAGE_OF_SPLIT[split]].add_rows(ds.row_errors)
                 self.datasets[split] = ds
@@ -275,6 +372,7 @@ def _streaming_dataset_class():
             shuffle: bool,
             seed: int,
             on_error: str,
+            max_audio_frames: int | None = None,
         ) -> None:
             super().__init__(input_dir, shuffle=shuffle, seed=seed, drop_last=shuffle)
             self.num_frames = num_frames
@@ -283,6 +381,7 @@ def _streaming_dataset_class():
             self.modalities = set(modalities)
             self.on_error = on_error
             self.item_seed = seed
+            self.max_audio_frames = max_audio_frames
 
         def __getitem__(self, index: Any) -> VideoSample | SkippedSample:
             item = super().__getitem__(index)
@@ -299,6 +398,7 @@ def _streaming_dataset_class():
                     end=meta.get("end"),
                     audio="audio" in self.modalities,
                     rng=rng,
+                    max_audio_frames=self.max_audio_frames,
                 )
             except (VideoDecodeError, OSError, ValueError, RuntimeError) as err:
                 reason = err.reason if isinstance(err, VideoDecodeError) else f"{type(err).__name__}: {err}"
@@ -339,6 +439,7 @@ class StreamingVideoDataModule(VideoDataModuleBase):
         modalities: list[Modality] | None = None,
         tokenizer: str = "byte",
         max_text_length: int = 32,
+        max_audio_frames: int = 1024,
         on_error: OnError = "skip",
         seed: int = 0,
         pin_memory: bool = False,
@@ -351,6 +452,7 @@ class StreamingVideoDataModule(VideoDataModuleBase):
             modalities=modalities,
             tokenizer=tokenizer,
             max_text_length=max_text_length,
+            max_audio_frames=max_audio_frames,
             pin_memory=pin_memory,
         )
         self.dirs = {"train": train_dir, "val": val_dir, "test": test_dir}
@@ -377,6 +479,7 @@ class StreamingVideoDataModule(VideoDataModuleBase):
                     shuffle=split == "train",
                     seed=self.seed,
                     on_error=self.on_error,
+                    max_audio_frames=self.max_audio_frames,
                 )
 
     def _loader(self, split: str, shuffle: bool):
@@ -404,9 +507,12 @@ class StreamingVideoDataModule(VideoDataModuleBase):
 
 
 __all__ = [
+    "DEFAULT_PROMPT_TEMPLATES",
     "StreamingVideoDataModule",
     "SyntheticVideoDataModule",
     "VideoDataModuleBase",
     "VideoTextDataModule",
+    "batch_fields_for",
+    "prompts_for",
     "shard_item",
 ]

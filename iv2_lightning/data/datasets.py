@@ -63,7 +63,9 @@ class VideoTextDataset(Dataset):
     """Clips listed in an annotation file, decoded from real media.
 
     ``modalities`` chooses what each sample carries besides the video: ``audio`` (kaldi fbank of the
-    clip's audio track), ``caption``, ``speech`` (the ASR text), ``label``, ``qa``.
+    clip's audio track, at most ``max_audio_frames`` frames around the sampled frames: see
+    ``read_clip``), ``caption``, ``speech`` (the ASR text), ``label`` (an integer, or a name of
+    ``label_names``), ``qa``.
     A clip with fewer frames than ``num_frames`` repeats frames (see ``read_clip``).
     """
 
@@ -80,12 +82,14 @@ class VideoTextDataset(Dataset):
         on_error: OnError = "skip",
         max_consecutive_errors: int = 50,
         seed: int = 0,
+        max_audio_frames: int | None = None,
+        label_names: list[str] | None = None,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}")
         self.annotation_file = Path(annotation_file)
         self.root = Path(root) if root is not None else self.annotation_file.parent
-        self.rows, self.row_errors = load_annotations(self.annotation_file, on_error=on_error)
+        self.rows, self.row_errors = load_annotations(self.annotation_file, on_error, label_names)
         if not self.rows:
             reasons = "; ".join(str(e) for e in self.row_errors[:3])
             raise ValueError(
@@ -112,6 +116,7 @@ class VideoTextDataset(Dataset):
         self.on_error = on_error
         self.max_consecutive_errors = max_consecutive_errors
         self.seed = seed
+        self.max_audio_frames = max_audio_frames
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -145,6 +150,7 @@ class VideoTextDataset(Dataset):
             end=row.end,
             audio="audio" in self.modalities,
             rng=rng,
+            max_audio_frames=self.max_audio_frames,
         )
         video = self.transform(clip.video, rng)
         return VideoSample(

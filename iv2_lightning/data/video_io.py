@@ -15,7 +15,9 @@ than ``SEEK_AHEAD_S`` ahead). While far from the next target the decoder drops f
 other frame references (most B-frames), which cannot be returned anyway. Only the frames that are
 returned are converted to RGB, resized while converting, so memory stays flat whatever the file's
 length or resolution. The audio track of the same span is resampled to 16 kHz mono and turned into
-the kaldi fbank the audio encoder expects (:func:`iv2_lightning.models.audio.compute_fbank`).
+the kaldi fbank the audio encoder expects (:func:`iv2_lightning.models.audio.compute_fbank`). With
+``max_audio_frames``, a longer track is cropped to the window of that many fbank frames centred on
+the sampled frames (:func:`audio_window`), and only that window is decoded.
 
 PyAV is the default backend (``"auto"``) and the reference: it was the fastest reader measured
 (benchmarks/data_throughput.py) and the same frames come out on every machine. torchcodec is an
@@ -37,7 +39,7 @@ import av
 import numpy as np
 import torch
 
-from iv2_lightning.models.audio import compute_fbank
+from iv2_lightning.features.fbank import compute_fbank
 
 Source = str | os.PathLike | BinaryIO  # a path, or a seekable binary file object (e.g. io.BytesIO)
 Sampling = Literal["rand", "middle", "uniform"]
@@ -46,6 +48,10 @@ SAMPLINGS = ("rand", "middle", "uniform")
 BACKENDS = ("auto", "pyav", "torchcodec")
 
 AUDIO_RATE = 16_000
+# kaldi fbank framing of compute_fbank: 25 ms windows every 10 ms, so n frames span
+# (n - 1) * hop + window seconds of sound
+FBANK_HOP_S = 0.010
+FBANK_WINDOW_S = 0.025
 # FFmpeg decoder threading for read_clip: "AUTO" (frame + slice threads), "SLICE", "FRAME", "NONE",
 # or None = "SLICE" in the main process and "NONE" inside DataLoader workers, which already decode
 # one clip per core. Frame threads lost in benchmarks/data_throughput.py: every seek drains their
@@ -90,8 +96,10 @@ class Clip:
     """A decoded clip.
 
     ``video``: uint8 ``[3, T, H, W]``; ``frame_times``: the presentation time (seconds) of each
-    returned frame; ``audio``: kaldi fbank ``[F, num_mel_bins]`` of ``[start, end)`` or None (no
-    audio track, audio not requested, or an unreadable audio track); ``fps``/``duration``: of the
+    returned frame; ``audio``: kaldi fbank ``[F, num_mel_bins]`` of ``audio_span`` or None (no
+    audio track, audio not requested, or an unreadable audio track); ``audio_span``: the seconds
+    whose sound was read, ``[start, end)`` unless ``max_audio_frames`` cropped it (None without
+    audio); ``fps``/``duration``: of the
     video stream; ``start``/``end``: the span the frames were sampled from (``end`` clamped to the
     end of the video); ``decoded_frames``: how many frames the decoder produced to get these
     (PyAV backend; None for torchcodec) — the cost of the sparse read.
@@ -107,6 +115,7 @@ class Clip:
     end: float
     backend: str = "pyav"
     decoded_frames: int | None = None
+    audio_span: tuple[float, float] | None = None
 
 
 # --------------------------------------------------------------------------- stream metadata
@@ -519,6 +528,38 @@ def _read_audio(
     return wave if wave.size else None
 
 
+def audio_seconds(num_frames: int) -> float:
+    """The sound that ``num_frames`` kaldi fbank frames cover (25 ms windows every 10 ms)."""
+    return (num_frames - 1) * FBANK_HOP_S + FBANK_WINDOW_S
+
+
+def audio_window(
+    start: float, end: float, frame_times: list[float], max_frames: int | None
+) -> tuple[float, float]:
+    """The part of ``[start, end)`` whose sound goes with the sampled frames, as ``(start, end)``.
+
+    The whole span when its fbank has at most ``max_frames`` frames (or ``max_frames`` is None);
+    otherwise the ``max_frames`` frames' worth of sound centred on the middle of the sampled frames
+    (first to last ``frame_times``), moved inside the span where the centre lies near its edge.
+
+    Cropping rather than resampling the spectrogram in time: every fbank frame then stays 10 ms of
+    sound and a 16-frame audio patch 160 ms, for every clip length, as in the audio encoders'
+    pretraining (BEATs and AST crop to a fixed length, and the official recipe keeps at most 10 s);
+    squeezing a minute into ``max_frames`` frames would smear each sound over a different time scale
+    per clip. The window is centred on the frames, so the sound in it is what they show (with
+    ``"rand"`` sampling it moves with the frames, a small augmentation).
+    """
+    if max_frames is not None and max_frames < 1:
+        raise ValueError(f"max_audio_frames must be >= 1 or None; got {max_frames}")
+    # a span shorter than max_frames + 1 frames' worth of sound gives at most max_frames frames
+    if max_frames is None or end - start < audio_seconds(max_frames + 1):
+        return start, end
+    length = audio_seconds(max_frames)
+    centre = (frame_times[0] + frame_times[-1]) / 2 if frame_times else (start + end) / 2
+    lo = min(max(centre - length / 2, start), end - length)
+    return lo, lo + length
+
+
 def _audio_features(
     path: str, container: av.container.InputContainer, start: float, end: float, num_mel_bins: int
 ) -> torch.Tensor | None:
@@ -604,6 +645,7 @@ def read_clip(
     num_mel_bins: int = 128,
     backend: Backend = "auto",
     rng: random.Random | None = None,
+    max_audio_frames: int | None = None,
 ) -> Clip:
     """Decode ``num_frames`` frames (and the audio) of ``[start, end)`` of a video file.
 
@@ -626,7 +668,9 @@ def read_clip(
 
     ``audio``: the audio track over ``[start, end)`` as a kaldi fbank ``[F, num_mel_bins]`` (16 kHz
     mono, 10 ms hop: F ≈ 100 per second), None when the file has no audio track; an unreadable
-    audio track warns and gives None. ``backend``: ``"auto"`` and ``"pyav"`` decode with PyAV (the
+    audio track warns and gives None. ``max_audio_frames``: at most that many fbank frames; a longer
+    span's sound is cropped to the window centred on the sampled frames (see :func:`audio_window`
+    for why a crop), and only that window is decoded. None keeps the whole span. ``backend``: ``"auto"`` and ``"pyav"`` decode with PyAV (the
     reference); ``"torchcodec"`` uses torchcodec and raises :class:`VideoDecodeError` if it cannot
     be loaded. Audio is always read with PyAV.
 
@@ -646,6 +690,8 @@ def read_clip(
         raise ValueError(f"size must be a positive integer or None; got {size!r}")
     if num_mel_bins < 1:
         raise ValueError(f"num_mel_bins must be >= 1; got {num_mel_bins}")
+    if max_audio_frames is not None and (isinstance(max_audio_frames, bool) or max_audio_frames < 1):
+        raise ValueError(f"max_audio_frames must be an integer >= 1 or None; got {max_audio_frames!r}")
     source, path = path, _name(path)
     use = "pyav" if backend == "auto" else backend
     if use == "torchcodec" and torchcodec_error() is not None:
@@ -681,7 +727,12 @@ def read_clip(
             )
         else:
             frames, times = _decode_torchcodec(source, targets, span_start, span_end, info, size)
-        fbank = _audio_features(path, container, span_start, span_end, num_mel_bins) if audio else None
+        fbank, audio_span = None, None
+        if audio:
+            audio_span = audio_window(span_start, span_end, list(times), max_audio_frames)
+            fbank = _audio_features(path, container, *audio_span, num_mel_bins)
+            if fbank is not None and max_audio_frames is not None:
+                fbank = fbank[:max_audio_frames]  # sample rounding must not add a frame
     except VideoDecodeError:
         raise
     except Exception as err:  # whatever a damaged file makes PyAV raise, name the file and the cause
@@ -701,7 +752,17 @@ def read_clip(
         end=span_end,
         backend=use,
         decoded_frames=decoded,
+        audio_span=audio_span if fbank is not None else None,
     )
 
 
-__all__ = ["Clip", "VideoDecodeError", "probe_video", "read_clip", "sample_times", "torchcodec_error"]
+__all__ = [
+    "Clip",
+    "VideoDecodeError",
+    "audio_seconds",
+    "audio_window",
+    "probe_video",
+    "read_clip",
+    "sample_times",
+    "torchcodec_error",
+]

@@ -105,3 +105,24 @@ def test_caption_fusion_template_and_custom_function():
     assert fuse("a dog runs") == "a dog runs"
     custom = CaptionFusion(fn=lambda c, a, s: f"{c.upper()} ({a})")
     assert custom("x", "y", None) == "X (y)"
+
+
+def test_labels_by_class_name(tmp_path):
+    names = ["dog", "cat", "3"]
+    path = tmp_path / "named.csv"
+    path.write_text("video,label\na.mp4,cat\nb.mp4,0\nc.mp4,\nd.mp4,-1\ne.mp4,3\nf.mp4,bird\ng.mp4,5\n")
+    rows, errors = load_annotations(path, on_error="skip", label_names=names)
+    # a name counts before a number: the class called "3" is index 2
+    assert [(r.video, r.label) for r in rows] == [
+        ("a.mp4", 1),
+        ("b.mp4", 0),
+        ("c.mp4", None),
+        ("d.mp4", -1),
+        ("e.mp4", 2),
+    ]
+    assert [(e.line, e.reason) for e in errors] == [
+        (7, "label 'bird' is neither an integer nor one of label_names ['dog', 'cat', '3']"),
+        (8, "label 5 is past the 3 label_names ['dog', 'cat', '3']"),
+    ]
+    # without the names, a name is an error as before
+    assert "label must be an integer; got 'cat'" in load_annotations(path, on_error="skip")[1][0].reason

