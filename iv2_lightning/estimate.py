@@ -135,7 +135,7 @@ def _import(path: str) -> Any:
 
 
 def build_meta_model(class_path: str, init_args: dict[str, Any]) -> tuple[nn.Module, nn.Module | None]:
-    """The stage of a config with meta tensors, and its teacher (or None).
+    """The torch model of a config's stage with meta tensors, and its teachers (or None).
 
     ``init_from`` is dropped (the shapes do not depend on it); a teacher given as a weights path is
     built as the ``VideoEncoder`` of its ``teacher_kwargs`` (what :func:`build_teacher` does before
@@ -144,7 +144,7 @@ def build_meta_model(class_path: str, init_args: dict[str, Any]) -> tuple[nn.Mod
     args = dict(init_args)
     args["init_from"] = None
     teacher = args.get("teacher")
-    if teacher:
+    if teacher and teacher != "random":  # "random" is built from the student's config, no file to read
         try:
             _import(teacher)
         except (ImportError, AttributeError, ValueError):  # a weights path: the same VideoEncoder, unloaded
@@ -155,8 +155,12 @@ def build_meta_model(class_path: str, init_args: dict[str, Any]) -> tuple[nn.Mod
             args["teacher_kwargs"] = preset_config(kw.pop("preset", "tiny"), **kw)
     cls = _import(class_path)
     with MetaInit():
-        model = cls(**args)
-    return model, model.__dict__.get("teacher")
+        stage = cls(**args)
+    # a stage keeps its torch model under `model`; stage 1's frozen teachers sit beside it, outside
+    # the module tree (each one whole on every GPU)
+    model = getattr(stage, "model", stage)
+    teachers = list(getattr(model, "teachers", ()))
+    return model, nn.ModuleList(teachers) if teachers else None
 
 
 # -- counting --------------------------------------------------------------------------------------

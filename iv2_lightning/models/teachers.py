@@ -28,22 +28,27 @@ frozen student, 256 held-out clips; ``configs/stage1/tiny.yaml`` has the table):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import importlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from iv2_lightning.models.backbone import VideoEncoder, preset_config
+from iv2_lightning.models.weights import load_shared_weights
 
-@dataclass
-class TeacherOutput:
+
+class TeacherOutput(NamedTuple):
     """The part of :class:`~iv2_lightning.models.backbone.VideoEncoderOutput` a stage-1 teacher
     provides: ``tokens [B, 1 + N, D]`` (a mean token first), ``pooled [B, D]``, ``hidden_states``
     (the token states ``return_hidden`` times, the network has one output layer) and ``num_prefix``."""
 
     tokens: torch.Tensor
     pooled: torch.Tensor
-    hidden_states: list[torch.Tensor] = field(default_factory=list)
+    hidden_states: Sequence[torch.Tensor] = ()
     num_prefix: int = 1
 
 
@@ -120,4 +125,72 @@ class ConvFrameTeacher(nn.Module):
         return TeacherOutput(tokens=tokens, pooled=pooled, hidden_states=[tokens] * max(return_hidden, 0))
 
 
-__all__ = ["ConvFrameTeacher", "TeacherOutput"]
+def build_teacher(
+    spec: str,
+    kwargs: dict[str, Any] | None = None,
+    default_config: dict[str, Any] | None = None,
+    seed: int = 0,
+) -> nn.Module:
+    """A frozen teacher: ``"random"`` (a ``VideoEncoder`` with random weights drawn from ``seed``,
+    built from ``kwargs`` (``preset`` plus overrides) or, without them, from ``default_config``), an
+    export folder / .safetensors / .ckpt of a ``VideoEncoder`` (built from ``kwargs``), or a class
+    path ``package.module.Class`` / ``package.module:Class`` instantiated with ``kwargs``. The teacher
+    must accept ``(video, return_hidden=k)`` and return ``tokens``, ``pooled`` and ``hidden_states``
+    like :class:`VideoEncoder`."""
+    kwargs = dict(kwargs or {})
+    if spec == "random":
+        if kwargs or default_config is None:
+            config = preset_config(kwargs.pop("preset", "tiny"), **kwargs)
+        else:
+            config = dict(default_config)
+        # its own generator state: the same seed gives the same teacher whatever ran before (resumed runs)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            teacher = VideoEncoder(**config)
+    elif Path(spec).exists():
+        teacher = VideoEncoder(**preset_config(kwargs.pop("preset", "tiny"), **kwargs))
+        holder = nn.Module()
+        holder.video_encoder = teacher
+        load_shared_weights(holder, spec, strict=True, modules=("video_encoder",))
+    else:
+        module_name, _, cls_name = spec.replace(":", ".").rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), cls_name)
+        except (ImportError, AttributeError, ValueError) as err:
+            raise ValueError(
+                f"teacher {spec!r} is neither an existing weights path nor an importable class"
+            ) from err
+        teacher = cls(**kwargs)
+    teacher.eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def pair_teacher_args(
+    teacher: str | Sequence[str],
+    teacher_kwargs: dict[str, Any] | Sequence[dict[str, Any] | None] | None = None,
+    teacher_weights: Sequence[float] | None = None,
+) -> tuple[list[str], list[dict[str, Any] | None], list[float]]:
+    """One spec, one kwargs dict (or None) and one weight per teacher, from a config's ``teacher``,
+    ``teacher_kwargs`` and ``teacher_weights``; a single dict of kwargs serves a single teacher."""
+    specs = [teacher] if isinstance(teacher, str) else list(teacher)
+    if isinstance(teacher_kwargs, (list, tuple)):
+        kwargs_list = list(teacher_kwargs)
+    elif len(specs) == 1 or not teacher_kwargs:
+        kwargs_list = [teacher_kwargs] * len(specs)
+    else:
+        raise ValueError(
+            f"teacher names {len(specs)} teachers: give teacher_kwargs as a list of "
+            f"{len(specs)} dicts (null for none)"
+        )
+    weights = [1.0] * len(specs) if teacher_weights is None else [float(w) for w in teacher_weights]
+    if len(kwargs_list) != len(specs) or len(weights) != len(specs):
+        raise ValueError(
+            f"teacher names {len(specs)} teachers but teacher_kwargs has {len(kwargs_list)} entries "
+            f"and teacher_weights {len(weights)}; give one per teacher"
+        )
+    return specs, kwargs_list, weights
+
+
+__all__ = ["ConvFrameTeacher", "TeacherOutput", "build_teacher", "pair_teacher_args"]

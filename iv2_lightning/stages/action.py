@@ -1,26 +1,22 @@
-"""Action classification: fine-tuning or an attentive probe on the video backbone.
+"""Action classification: fine-tuning or an attentive probe, the Lightning shell around
+:class:`~iv2_lightning.models.classifier.VideoClassifier` (attention pool, ``fc_norm``, Linear).
 
-The classifier is an attention pool over the backbone's tokens, a LayerNorm and a Linear (the
-official InternVideo2 fine-tuning head is ``fc_norm`` + ``head`` on top of the attention pool).
-``freeze_backbone=True`` turns fine-tuning into an attentive probe (only the head trains), the
-protocol used to measure what pretraining put into the frozen features.
-
-``encoder: {frame_wise: true}`` gives the order-free control: the same probe on a backbone that
-cannot compare frames (no temporal attention, one position table for every frame). On the
-synthetic clips, where motion direction exists only in the order of the frames, that control must
-stay near chance.
+``freeze_backbone=True`` freezes ``video_encoder``: an attentive probe, where only the head trains.
+``encoder: {frame_wise: true}`` gives the order-free control (see the model's docstring). The shell
+adds the labelled-clip handling (clips with label -1 are left out), top-1 / top-5 accuracy as
+torchmetrics, and ``predict_step``'s class probabilities.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 from iv2_lightning.data.batch import VideoBatch
-from iv2_lightning.models.heads import ClassificationHead
+from iv2_lightning.models.classifier import VideoClassifier
 from iv2_lightning.stages.base import BaseStage
 
 
@@ -38,30 +34,40 @@ class ActionStage(BaseStage):
         label_names: list[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        if freeze_backbone:
-            kwargs["freeze"] = [*(kwargs.get("freeze") or []), "video_encoder"]
-        super().__init__(**kwargs)
         if label_names is not None and len(label_names) != num_classes:
             raise ValueError(f"label_names has {len(label_names)} names for num_classes={num_classes}")
         self.num_classes = num_classes
         self.label_names = label_names
-        self.label_smoothing = label_smoothing
-        self.video_encoder = self.build_video_encoder()
-        self.head = ClassificationHead(
-            self.video_encoder.embed_dim, num_classes, num_heads=head_heads, pool=pool, dropout=head_dropout
+        super().__init__(**kwargs)
+
+    def configure_model(self) -> VideoClassifier:
+        hp = self.hparams
+        if hp.freeze_backbone:
+            self.freeze_names.append("video_encoder")  # BaseStage freezes these once the model is built
+        return VideoClassifier(
+            self.build_video_encoder(),
+            hp.num_classes,
+            head_heads=hp.head_heads,
+            pool=hp.pool,
+            head_dropout=hp.head_dropout,
+            label_smoothing=hp.label_smoothing,
         )
-        top_k = min(5, num_classes)
+
+    def configure_metrics(self) -> None:
+        top_k = min(5, self.num_classes)
         self.metrics = torch.nn.ModuleDict(
             {
-                f"{split}_{name}": MulticlassAccuracy(num_classes, top_k=k, average="micro")
+                f"{split}_{name}": MulticlassAccuracy(self.num_classes, top_k=k, average="micro")
                 for split in ("val", "test")
                 for name, k in (("acc", 1), ("acc_top5", top_k))
             }
         )
-        self.finish_init()
+
+    def batch_contract(self) -> Mapping[str, Iterable[str]]:
+        return {"classification": ["video", "label"]}
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
-        return self.head(self.video_encoder(video).tokens)
+        return self.model(video)
 
     def _labelled(self, batch: VideoBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if batch.label is None:
@@ -73,8 +79,8 @@ class ActionStage(BaseStage):
 
     def compute_loss(self, batch: VideoBatch) -> dict[str, torch.Tensor]:
         keep, labels = self._labelled(batch)
-        logits = self(batch.video[keep])
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        logits = self.model(batch.video[keep])
+        loss = self.model.loss(logits, labels)
         acc = (logits.argmax(dim=1) == labels).float().mean()
         return {"loss": loss, "acc": acc.detach()}
 
@@ -82,13 +88,14 @@ class ActionStage(BaseStage):
         keep, labels = self._labelled(batch)
         if not bool(keep.any()):
             return
-        logits = self(batch.video[keep])
-        loss = F.cross_entropy(logits, labels)
-        self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=int(keep.sum()))
+        logits = self.model(batch.video[keep])
+        n = int(keep.sum())
+        loss = self.model.loss(logits, labels, label_smoothing=0.0)  # the plain cross-entropy
+        self.log(f"{split}/loss", loss, on_epoch=True, sync_dist=True, batch_size=n)
         for name in ("acc", "acc_top5"):
             metric = self.metrics[f"{split}_{name}"]
             metric(logits, labels)
-            self.log(f"{split}/{name}", metric, on_epoch=True, batch_size=int(keep.sum()))
+            self.log(f"{split}/{name}", metric, on_epoch=True, batch_size=n)
 
     def validation_step(self, batch: VideoBatch, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -97,5 +104,8 @@ class ActionStage(BaseStage):
         self._eval_step(batch, "test")
 
     def predict_step(self, batch: VideoBatch, batch_idx: int) -> dict[str, Any]:
-        probs = self(batch.video).softmax(dim=1)
+        probs = self.model(batch.video).softmax(dim=1)
         return {"probs": probs, "pred": probs.argmax(dim=1), "meta": batch.meta}
+
+
+__all__ = ["ActionStage"]
