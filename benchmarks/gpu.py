@@ -124,7 +124,7 @@ def _model_flops(stage, step: Callable[[], None]) -> float:
     # (and through SDPA: the counter knows torch's attention kernels, not flash-attn's)
     import iv2_lightning.models.attention as attention_module
 
-    enc = stage.video_encoder
+    enc = stage.model.video_encoder
     ckpt, enc.grad_checkpointing = enc.grad_checkpointing, False
     can_run, attention_module._flash_can_run = attention_module._flash_can_run, lambda *a: False
     try:

@@ -100,7 +100,7 @@ def _rmsnorm_op(out: dict, meta: dict) -> None:
 def _pixel_target_fix(s: Settings, out: dict, meta: dict) -> None:
     """The stage-1 pixel target before/after (see the doc): tiny stage-1 step, configs/stage1/tiny.yaml."""
     before = _pixel_loss_before()
-    import iv2_lightning.stages.masked as masked_module
+    import iv2_lightning.models.masked_video as masked_module
 
     stage, opt = tiny_stage1()
     batch = video_batch(tiny_clips(32))

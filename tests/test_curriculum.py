@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from iv2_lightning.curriculum import CurriculumConfigError, curriculum_main, load_curriculum
-from iv2_lightning.stages.weights import read_state_dict
+from iv2_lightning.models.weights import read_state_dict
 
 SMOKE = Path(__file__).parent / "fixtures" / "curriculum_smoke.yaml"
 LEARN = Path(__file__).parent / "fixtures" / "curriculum_learn.yaml"

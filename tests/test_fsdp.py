@@ -14,10 +14,10 @@ Lightning 2.6 runs its ``FSDPStrategy`` only on CUDA, for two reasons, both in L
   ``_init_device_handle``; Lightning issue #21778).
 
 torch's FSDP itself trains on the CPU with gloo when it is given ``device_id=cpu``: the test-only
-subclass below passes that and changes nothing else. Gradient clipping is off here: Lightning's
-``FSDPPrecision.clip_grad_by_norm`` raises "`gradient_clip_algorithm='norm'` is currently not
-supported for `FSDPPrecision`" on every device, so a stage config's ``trainer.gradient_clip_val``
-cannot be used with fsdp.yaml as it stands.
+subclass below passes that and changes nothing else. The stage config's norm clipping stays on:
+Lightning's ``FSDPPrecision.clip_grad_by_norm`` refuses it ("`gradient_clip_algorithm='norm'` is
+currently not supported for `FSDPPrecision`"), so ``BaseStage.configure_gradient_clipping`` clips
+through ``FullyShardedDataParallel.clip_grad_norm_`` instead, and this test runs that path.
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             devices=WORLD,
             strategy=_cpu_fsdp_strategy(**init_args),
             precision=fragment["trainer"]["precision"],
-            gradient_clip_val=None,  # FSDPPrecision refuses norm clipping (module docstring)
+            gradient_clip_val=fragment["trainer"]["gradient_clip_val"],  # clipped by the wrapper (docstring)
             max_steps=2,
             max_epochs=1,
             limit_val_batches=0,

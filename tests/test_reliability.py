@@ -418,12 +418,12 @@ def test_an_export_that_does_not_match_its_manifest_is_refused_or_redone(tmp_pat
     from safetensors.torch import load_file, save_file
 
     from iv2_lightning.curriculum import read_manifest
+    from iv2_lightning.models.weights import WEIGHTS_FILE, export_shared_weights, read_state_dict
     from iv2_lightning.stages.masked import MaskedVideoStage
-    from iv2_lightning.stages.weights import WEIGHTS_FILE, export_shared_weights, read_state_dict
 
     stage_dir = tmp_path / "stage1"
     folder = export_shared_weights(
-        MaskedVideoStage(encoder={"image_size": 32, "num_frames": 4, "depth": 1, "patch_size": 8}),
+        MaskedVideoStage(encoder={"image_size": 32, "num_frames": 4, "depth": 1, "patch_size": 8}).model,
         stage_dir / "export",
         {"stage": "stage1", "complete": True},
     )
@@ -554,7 +554,7 @@ def nan_gradient_probe(nan_steps, **kw):
     def compute_loss(batch):
         out = plain(batch)
         if stage.global_step in nan_steps:
-            w = stage.head.head.weight
+            w = stage.model.head.head.weight
             out["loss"] = out["loss"] + torch.sqrt(0.0 * w.sum())  # value 0, gradient 0 * inf = NaN
         return out
 
@@ -653,15 +653,15 @@ def evil(tmp_path):
 
 
 def test_init_from_refuses_a_pickle_that_runs_code(evil):
-    from iv2_lightning.stages.weights import read_state_dict
+    from iv2_lightning.models.weights import read_state_dict
 
     with pytest.raises(ValueError, match="could not be loaded as a weights-only checkpoint"):
         read_state_dict(evil)
 
 
 def test_iv2_export_and_convert_refuse_a_pickle_that_runs_code(evil, tmp_path, capsys):
+    from iv2_lightning.convert import convert_main
     from iv2_lightning.export import export_main
-    from iv2_lightning.models.convert import convert_main
 
     assert export_main([str(evil), str(tmp_path / "out.safetensors")]) == 2
     assert "could not be loaded as a weights-only checkpoint" in capsys.readouterr().err

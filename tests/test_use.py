@@ -24,17 +24,17 @@ from iv2_lightning.data.datamodules import VideoDataModuleBase
 from iv2_lightning.data.synthetic import synth_main
 from iv2_lightning.data.video_io import read_clip
 from iv2_lightning.lightning_cli import IV2CLI, make_cli
+from iv2_lightning.models.weights import architecture_of, export_shared_weights
 from iv2_lightning.stages.base import BaseStage
 from iv2_lightning.stages.contrastive import ContrastiveStage
 from iv2_lightning.stages.next_token import NextTokenStage
-from iv2_lightning.stages.weights import export_shared_weights
 from iv2_lightning.use import (
     EmbeddingIndex,
     caption_main,
     chat_main,
     embed_main,
     list_videos,
-    load_stage,
+    load_model,
     load_video,
     search_main,
 )
@@ -101,12 +101,12 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def stage2(trained):
-    return load_stage(trained["stage2"], ContrastiveStage)[0]
+    return load_model(trained["stage2"], ContrastiveStage).model  # the VideoTextAligner
 
 
 @pytest.fixture(scope="module")
 def stage3(trained):
-    return load_stage(trained["stage3"], NextTokenStage)[0]
+    return load_model(trained["stage3"], NextTokenStage).model  # the VideoCaptioner
 
 
 def _videos(trained) -> list[Path]:
@@ -180,7 +180,7 @@ def test_embed_resume_corrupt_and_search(trained, stage2, tmp_path, capsys):
 
 
 def test_embed_interrupted_run_resumes(trained, tmp_path, monkeypatch, capsys):
-    import iv2_lightning.use as use
+    import iv2_lightning.use.embed as use
 
     out = tmp_path / "index.safetensors"
     args = ["--ckpt", str(trained["stage2"]), "--videos", str(trained["clips"] / "videos"), "--out", str(out)]
@@ -242,11 +242,11 @@ def test_embed_long_clips_through_windows_as_npy(trained, stage2, tmp_path, caps
 def test_checkpoint_forms_and_wrong_stage(trained, tmp_path, capsys):
     stage_dir = trained["stage2"].parents[1]
     # an export folder beside the checkpoints resolves to the checkpoint; a lone export is refused
-    model, _ = load_stage(trained["stage2"], ContrastiveStage)
+    model = load_model(trained["stage2"], ContrastiveStage).model
     export_shared_weights(
-        model, stage_dir / "export", {"stage": "stage2", "architecture": model.architecture()}
+        model, stage_dir / "export", {"stage": "stage2", "architecture": architecture_of(model)}
     )
-    assert load_stage(stage_dir / "export", ContrastiveStage)[1] == trained["stage2"]
+    assert load_model(stage_dir / "export", ContrastiveStage).path == trained["stage2"]
     lone = tmp_path / "lone"
     shutil.copytree(stage_dir / "export", lone / "export")
     videos = str(_videos(trained)[0])
@@ -283,7 +283,7 @@ def test_caption(trained, stage3, tmp_path, capsys):
     assert stage3.use_audio
     batch = VideoCollate()([_with_audio(v) for v in videos])
     with torch.no_grad():
-        assert not torch.allclose(stage3.batch_prefix(batch), stage3.visual_prefix(batch.video))
+        assert not torch.allclose(stage3.prefix_of(batch), stage3.visual_prefix(batch.video))
     expected = stage3.caption(batch)  # greedy
     assert lines == [f"{v}: {c}" for v, c in zip(videos, expected)]
     # an unreadable file is reported and skipped, the others are still captioned
@@ -427,17 +427,20 @@ def test_long_clips_are_evaluated_in_windows_of_the_checkpoint_frames(trained, s
     ckpt = torch.load(trained["stage2"], weights_only=True)
     hparams = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     model = ContrastiveStage(**{**hparams, "num_frames": 16})
-    assert model.video_encoder.num_frames == 16
+    assert model.model.video_encoder.num_frames == 16
     model.on_load_checkpoint(ckpt)
     model.load_state_dict(ckpt["state_dict"])
     model.eval()
-    assert model.video_encoder.num_frames == 8
+    assert model.model.video_encoder.num_frames == 8
     video = load_video(_videos(trained)[0], 16, 32)
     batch = VideoCollate()([VideoSample(video=video, sample_id=0, caption="a red circle moving left")])
     with torch.no_grad():
-        features = model._features(batch)
-        clip, windows, mask = model.encode_video_windows(video[None])
-        halves = [stage2.encode_video(video[None, :, :8]), stage2.encode_video(video[None, :, 8:])]
+        features = model.model.features(batch.video, batch.caption_ids, batch.caption_mask)
+        clip, windows, mask = model.model.encode_video_windows(video[None])
+        halves = [
+            stage2.encode_video(video[None, :, :8]),
+            stage2.encode_video(video[None, :, 8:]),
+        ]
     assert mask.tolist() == [[True, True]]
     assert torch.allclose(torch.cat(halves), windows[0], atol=1e-5)
     assert torch.allclose(torch.nn.functional.normalize(features.video.emb, dim=-1), clip, atol=1e-5)

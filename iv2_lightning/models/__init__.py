@@ -17,8 +17,11 @@ from iv2_lightning.models.backbone import (
     count_parameters,
     preset_config,
 )
-from iv2_lightning.models.convert import ConversionReport, load_official
+from iv2_lightning.models.captioner import CaptionerOutput, VideoCaptioner, dialogue_prompt_ids
+from iv2_lightning.models.classifier import VideoClassifier
+from iv2_lightning.models.distributed import gather_no_grad, gather_with_grad
 from iv2_lightning.models.fusion import CrossModalFusion, FusionOutput
+from iv2_lightning.models.generation import Generation, generate_tokens, nucleus_sample
 from iv2_lightning.models.heads import (
     CausalDecoder,
     ClassificationHead,
@@ -35,17 +38,13 @@ from iv2_lightning.models.heads import (
     unpatchify,
 )
 from iv2_lightning.models.layers import AttentionPool, Block, DropPath, LayerScale, Mlp, masked_mean
-from iv2_lightning.models.losses import (
-    CosineDistillLoss,
-    InfoNCELoss,
-    MatchingLoss,
-    gather_no_grad,
-    gather_with_grad,
-)
+from iv2_lightning.models.losses import CosineDistillLoss, InfoNCELoss, MatchingLoss
+from iv2_lightning.models.masked_video import MaskedVideoModel, MaskedVideoOutput
 from iv2_lightning.models.masking import attention_guided_mask, make_mask, random_mask, tube_mask
+from iv2_lightning.models.official import ConversionReport, load_official
 from iv2_lightning.models.pos_embed import interpolate_pos_embed_3d, sincos_1d, sincos_2d, sincos_3d
 from iv2_lightning.models.resampler import QueryResampler
-from iv2_lightning.models.teachers import ConvFrameTeacher, TeacherOutput
+from iv2_lightning.models.teachers import ConvFrameTeacher, TeacherOutput, build_teacher
 from iv2_lightning.models.temporal import HierarchicalTemporalEncoder, HTEOutput
 from iv2_lightning.models.text import (
     ByteTokenizer,
@@ -65,6 +64,7 @@ __all__ = [
     "AudioOutput",
     "Block",
     "ByteTokenizer",
+    "CaptionerOutput",
     "CausalDecoder",
     "ClassificationHead",
     "ConvFrameTeacher",
@@ -76,12 +76,15 @@ __all__ = [
     "DividedBlock",
     "DropPath",
     "FusionOutput",
+    "Generation",
     "HFTextEncoder",
     "HFTokenizer",
     "HTEOutput",
     "HierarchicalTemporalEncoder",
     "InfoNCELoss",
     "LayerScale",
+    "MaskedVideoModel",
+    "MaskedVideoOutput",
     "MatchingHead",
     "MatchingLoss",
     "Mlp",
@@ -94,22 +97,28 @@ __all__ = [
     "TextEncoder",
     "TextOutput",
     "TokenizedText",
+    "VideoCaptioner",
+    "VideoClassifier",
     "VideoEncoder",
     "VideoEncoderOutput",
     "attention",
     "attention_guided_mask",
+    "build_teacher",
     "build_video_encoder",
     "compute_fbank",
     "count_parameters",
+    "dialogue_prompt_ids",
     "flash_available",
     "gather_no_grad",
     "gather_with_grad",
+    "generate_tokens",
     "interpolate_pos_embed_3d",
     "load_official",
     "make_mask",
     "masked_mean",
     "next_token_loss",
     "norm_pixel_targets",
+    "nucleus_sample",
     "patchify",
     "pixel_reconstruction_loss",
     "preset_config",

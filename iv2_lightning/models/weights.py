@@ -53,6 +53,16 @@ class WeightsMismatchError(ValueError):
     """``init_from`` found tensors whose shapes differ from the model's (or, when strict, missing ones)."""
 
 
+def shared_modules_of(model: nn.Module) -> dict[str, nn.Module]:
+    """The shared modules a torch model holds, by their shared names."""
+    return {n: m for n in SHARED_MODULES if isinstance(m := getattr(model, n, None), nn.Module)}
+
+
+def architecture_of(model: nn.Module) -> dict[str, str]:
+    """``{shared module name: class name}``: what an export's manifest records of a model."""
+    return {n: type(m).__name__ for n, m in shared_modules_of(model).items()}
+
+
 def export_problem(folder: str | os.PathLike, manifest: dict[str, Any]) -> str | None:
     """Why the ``weights.safetensors`` of an export folder does not match its manifest (None when it
     does, or when the manifest records neither size nor hash, as exports before these fields)."""

@@ -1,11 +1,16 @@
 """The curriculum: one LightningModule per stage over the shared modules of :mod:`iv2_lightning.models`."""
 
+from iv2_lightning.models.weights import (
+    SHARED_MODULES,
+    export_shared_weights,
+    load_shared_weights,
+    read_state_dict,
+)
 from iv2_lightning.stages.action import ActionStage
-from iv2_lightning.stages.base import SHARED_MODULES, BaseStage
-from iv2_lightning.stages.contrastive import ContrastiveStage, masked_info_nce
+from iv2_lightning.stages.base import BaseStage
+from iv2_lightning.stages.contrastive import ContrastiveStage
 from iv2_lightning.stages.masked import MaskedVideoStage, build_teacher
 from iv2_lightning.stages.next_token import NextTokenStage, dialogue_prompt_ids
-from iv2_lightning.stages.weights import export_shared_weights, load_shared_weights, read_state_dict
 
 __all__ = [
     "SHARED_MODULES",
@@ -18,6 +23,5 @@ __all__ = [
     "dialogue_prompt_ids",
     "export_shared_weights",
     "load_shared_weights",
-    "masked_info_nce",
     "read_state_dict",
 ]

@@ -40,7 +40,7 @@ class ActionStage(BaseStage):
         self.label_names = label_names
         super().__init__(**kwargs)
 
-    def configure_model(self) -> VideoClassifier:
+    def build_model(self) -> VideoClassifier:
         hp = self.hparams
         if hp.freeze_backbone:
             self.freeze_names.append("video_encoder")  # BaseStage freezes these once the model is built

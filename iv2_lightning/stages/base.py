@@ -5,9 +5,11 @@ LightningModule that builds it, calls it in ``training_step`` and logs. This tem
 torchgeo's ``trainers/base.py`` (``BaseTask``): the constructor saves the hyperparameters and calls the
 hooks, so a subclass overrides hooks and has nothing to remember to call:
 
-* :meth:`configure_model` (abstract) returns the stage's torch model, kept as ``self.model``; it
+* :meth:`build_model` (abstract) returns the stage's torch model, kept as ``self.model``; it
   holds the shared modules under fixed names (:data:`SHARED_MODULES`), so weights move from stage to
-  stage by name (``init_from``) and ``StageTransition`` knows what to export;
+  stage by name (``init_from``) and ``StageTransition`` knows what to export. (Not Lightning's
+  ``configure_model``: the Trainer calls that hook again at every fit, validate and test, which would
+  build a second model, inside ``deepspeed.zero.Init`` under ZeRO-3 where it cannot be built);
 * :meth:`configure_metrics` (optional) builds the torchmetrics the stage updates in evaluation;
 * :meth:`compute_loss` (abstract) returns a dict with a ``loss`` tensor (other scalar entries are
   logged as ``train/<key>``);
@@ -43,7 +45,12 @@ from iv2_lightning.data.batch import VideoBatch
 from iv2_lightning.models.audio import AudioEncoder
 from iv2_lightning.models.backbone import VideoEncoder, preset_config
 from iv2_lightning.models.text import HFTextEncoder, TextEncoder, build_tokenizer
-from iv2_lightning.models.weights import SHARED_MODULES, STAGE_MODEL_PREFIX, load_shared_weights
+from iv2_lightning.models.weights import (
+    STAGE_MODEL_PREFIX,
+    architecture_of,
+    load_shared_weights,
+    shared_modules_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +162,7 @@ class BaseStage(L.LightningModule, abc.ABC):
         self.bad_steps_total = 0
         self._step_was_bad = False
         self._contract_checked = False
-        self.model = self.configure_model()
+        self.model = self.build_model()
         self.configure_metrics()
         self.init_report: dict[str, Any] | None = None
         if init_from:
@@ -168,7 +175,7 @@ class BaseStage(L.LightningModule, abc.ABC):
     # -- hooks for subclasses ------------------------------------------------------------------
 
     @abc.abstractmethod
-    def configure_model(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         """Build and return the stage's torch model (kept as ``self.model``)."""
 
     def configure_metrics(self) -> None:
@@ -205,16 +212,12 @@ class BaseStage(L.LightningModule, abc.ABC):
         return AudioEncoder(**cfg)
 
     def shared_modules(self) -> dict[str, nn.Module]:
-        return {
-            name: getattr(self.model, name)
-            for name in SHARED_MODULES
-            if isinstance(getattr(self.model, name, None), nn.Module)
-        }
+        return shared_modules_of(self.model)
 
     def architecture(self) -> dict[str, Any]:
         """The shared modules' classes and the video encoder's configuration (for the manifest;
         ``init_from`` checks the tensors themselves, name by name and shape by shape)."""
-        arch: dict[str, Any] = {name: type(m).__name__ for name, m in self.shared_modules().items()}
+        arch: dict[str, Any] = architecture_of(self.model)
         arch["video_encoder_config"] = self.encoder_config
         return json.loads(json.dumps(arch, default=str))
 
@@ -341,6 +344,27 @@ class BaseStage(L.LightningModule, abc.ABC):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Norm clipping under FSDP goes through the wrapper, which knows the whole (sharded) gradient.
+
+        Lightning's ``FSDPPrecision`` refuses ``gradient_clip_algorithm="norm"`` outright, so every
+        stage config (they all set ``gradient_clip_val``) would stop at its first step under
+        ``configs/strategy/fsdp.yaml``; ``FullyShardedDataParallel.clip_grad_norm_`` reduces the norm
+        over the shards of every rank, which is what clipping a sharded model needs."""
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = getattr(self._trainer.strategy, "model", None) if self._trainer is not None else None
+        if (
+            gradient_clip_val
+            and gradient_clip_algorithm in (None, "norm")
+            and isinstance(wrapped, FullyShardedDataParallel)
+        ):
+            wrapped.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         """Log the gradient norm; a non-finite one drops the gradients, so the optimizer leaves every

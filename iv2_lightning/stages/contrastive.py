@@ -112,9 +112,7 @@ class ContrastiveStage(BaseStage):
         if rerank_k > 0 and self.model.loss_weights["vtm"] <= 0:
             raise ValueError("rerank_k > 0 re-ranks with the matching head, which needs vtm > 0")
 
-    def configure_model(self) -> VideoTextAligner:
-        if isinstance(getattr(self, "model", None), VideoTextAligner):
-            return self.model  # Lightning calls this hook again when a fit starts: keep what was built
+    def build_model(self) -> VideoTextAligner:
         hp = self.hparams
         weights = resolve_loss_weights({k: hp[k] for k in TERM_FIELDS}, self.data_fields)
         pooling = hp.text_pooling

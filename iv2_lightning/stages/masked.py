@@ -67,7 +67,7 @@ class MaskedVideoStage(BaseStage):
         self._val_losses: list[torch.Tensor] = []
         super().__init__(**kwargs)
 
-    def configure_model(self) -> MaskedVideoModel:
+    def build_model(self) -> MaskedVideoModel:
         hp = self.hparams
         video_encoder = self.build_video_encoder()  # first: the student's weights follow the seed
         teachers, weights = [], None

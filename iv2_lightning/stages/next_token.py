@@ -77,12 +77,12 @@ class NextTokenStage(BaseStage):
         pooled_token: bool = False,
         **kwargs: Any,
     ) -> None:
-        # the model checks its own arguments (weights, lengths) when configure_model builds it
+        # the model checks its own arguments (weights, lengths) when build_model builds it
         if val_generate_batches < 0:
             raise ValueError(f"val_generate_batches must be >= 0; got {val_generate_batches}")
         super().__init__(**kwargs)
 
-    def configure_model(self) -> VideoCaptioner:
+    def build_model(self) -> VideoCaptioner:
         hp = self.hparams
         video_encoder = self.build_video_encoder()
         audio_encoder = self.build_audio_encoder(hp.audio) if hp.use_audio else None

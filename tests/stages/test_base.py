@@ -256,7 +256,7 @@ def test_action_stage_learns_in_a_trainer(tmp_path):
 class PooledNorm(BaseStage):
     """The smallest stage: a torch model and its loss, nothing else (no finish_init, no optimizer)."""
 
-    def configure_model(self) -> nn.Module:
+    def build_model(self) -> nn.Module:
         model = nn.Module()
         model.video_encoder = self.build_video_encoder()
         model.head = nn.Linear(model.video_encoder.embed_out_dim, 1)
@@ -295,9 +295,21 @@ def test_a_stage_that_defines_only_its_model_and_loss_trains(tmp_path):
     assert stage.hparams.lr_mult == {"head": 2.0} and stage.hparams.encoder == TINY
 
 
+def test_fit_validate_and_test_never_build_the_model_again(tmp_path, monkeypatch):
+    # Lightning's own `configure_model` hook runs at every fit/validate/test; the stage's torch model
+    # is built once, in the constructor, so a fit trains the model that init_from filled
+    stage = action()
+    model, built = stage.model, []
+    monkeypatch.setattr(type(stage), "build_model", lambda self: built.append(1) or nn.Linear(1, 1))
+    trainer = quiet_trainer(tmp_path, fast_dev_run=1)
+    trainer.fit(stage, one_batch_loader(), one_batch_loader())
+    trainer.validate(stage, one_batch_loader())
+    assert built == [] and stage.model is model
+
+
 def test_a_stage_without_compute_loss_cannot_be_built():
     class NoLoss(BaseStage):
-        def configure_model(self):
+        def build_model(self):
             return nn.Linear(1, 1)
 
     with pytest.raises(TypeError, match="compute_loss"):
