@@ -4,6 +4,7 @@
 >>> enc = build_video_encoder("tiny")
 """
 
+from iv2_lightning.models.aligner import AlignerOutput, VideoTextAligner
 from iv2_lightning.models.attention import Attention, CrossAttention, attention, flash_available
 from iv2_lightning.models.audio import AudioEncoder, AudioOutput, compute_fbank
 from iv2_lightning.models.backbone import (
@@ -53,11 +54,13 @@ from iv2_lightning.models.text import (
     TextEncoder,
     TextOutput,
     TokenizedText,
+    build_tokenizer,
 )
 
 __all__ = [
     "OFFICIAL_PARAM_COUNTS",
     "PRESETS",
+    "AlignerOutput",
     "Attention",
     "AttentionPool",
     "AudioEncoder",
@@ -101,9 +104,11 @@ __all__ = [
     "VideoClassifier",
     "VideoEncoder",
     "VideoEncoderOutput",
+    "VideoTextAligner",
     "attention",
     "attention_guided_mask",
     "build_teacher",
+    "build_tokenizer",
     "build_video_encoder",
     "compute_fbank",
     "count_parameters",
