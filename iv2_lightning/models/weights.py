@@ -144,24 +144,9 @@ def load_shared_weights(
     for name, module in model.named_modules():
         if name and name.split(".", 1)[0] in names and hasattr(module, "adapt_state_dict"):
             adapted += module.adapt_state_dict(incoming, prefix=f"{name}.")
-    mismatched = [
-        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
-        for k, v in incoming.items()
-        if k in own and v.shape != own[k].shape
-    ]
     missing = sorted(set(own) - set(incoming))
     unexpected = sorted(set(incoming) - set(own))
-    if mismatched:
-        raise WeightsMismatchError(
-            f"init_from {source}: {len(mismatched)} tensor(s) have another shape than this model "
-            f"(the export came from preset {manifest.get('preset', '?')!r} with other sizes):\n  "
-            + "\n  ".join(mismatched[:20])
-        )
-    if strict and missing:
-        raise WeightsMismatchError(
-            f"init_from {source} (strict): {len(missing)} tensor(s) of this model are missing from the file: "
-            + ", ".join(missing[:20])
-        )
+    _check_incoming(source, manifest, own, incoming, missing, strict)
     loadable = {k: v for k, v in incoming.items() if k in own}
     if not loadable:
         raise WeightsMismatchError(
@@ -181,18 +166,51 @@ def load_shared_weights(
         "adapted": adapted,
         "from_stage": manifest.get("stage"),
     }
-    for note in adapted:
+    _log_report(report)
+    return report
+
+
+def _check_incoming(
+    source: str | os.PathLike,
+    manifest: dict[str, Any],
+    own: dict[str, torch.Tensor],
+    incoming: dict[str, torch.Tensor],
+    missing: list[str],
+    strict: bool,
+) -> None:
+    """WeightsMismatchError naming the tensors whose shape differs from the model's and, when
+    ``strict``, the model's tensors the source lacks."""
+    mismatched = [
+        f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+        for k, v in incoming.items()
+        if k in own and v.shape != own[k].shape
+    ]
+    if mismatched:
+        raise WeightsMismatchError(
+            f"init_from {source}: {len(mismatched)} tensor(s) have another shape than this model "
+            f"(the export came from preset {manifest.get('preset', '?')!r} with other sizes):\n  "
+            + "\n  ".join(mismatched[:20])
+        )
+    if strict and missing:
+        raise WeightsMismatchError(
+            f"init_from {source} (strict): {len(missing)} tensor(s) of this model are missing from the file: "
+            + ", ".join(missing[:20])
+        )
+
+
+def _log_report(report: dict[str, Any]) -> None:
+    source, missing, unexpected = report["source"], report["missing"], report["unexpected"]
+    for note in report["adapted"]:
         log.info("init_from %s: adapted %s", source, note)
     log.info(
         "init_from %s: loaded %d tensors; %d missing%s; %d unexpected%s",
         source,
-        len(loadable),
+        report["loaded"],
         len(missing),
         f" (e.g. {missing[:3]})" if missing else "",
         len(unexpected),
         f" (e.g. {unexpected[:3]})" if unexpected else "",
     )
-    return report
 
 
 def export_shared_weights(model: nn.Module, folder: str | os.PathLike, manifest: dict[str, Any]) -> Path:

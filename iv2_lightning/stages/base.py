@@ -31,6 +31,7 @@ clipping). Names in ``freeze``, ``lr_mult`` and ``init_prefix_map`` are relative
 from __future__ import annotations
 
 import abc
+import inspect
 import json
 import logging
 import math
@@ -210,6 +211,14 @@ class BaseStage(L.LightningModule, abc.ABC):
         if self.max_audio_frames is not None:
             cfg.setdefault("max_frames", self.max_audio_frames)
         return AudioEncoder(**cfg)
+
+    def hparams_for(self, model_class: type, **given: Any) -> dict[str, Any]:
+        """``model_class``'s constructor arguments: ``given`` ones, and the rest this stage recorded
+        under the same names (the stage repeats the model's arguments in its own typed signature,
+        which is what configs are checked against, and forwards them here by name)."""
+        names = inspect.signature(model_class).parameters
+        recorded = {k: self.hparams[k] for k in names if k in self.hparams and k not in given}
+        return {**recorded, **given}
 
     def shared_modules(self) -> dict[str, nn.Module]:
         return shared_modules_of(self.model)

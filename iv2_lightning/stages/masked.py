@@ -78,20 +78,9 @@ class MaskedVideoStage(BaseStage):
                 for i, (spec, kw) in enumerate(zip(specs, kwargs_list))
             ]
         return MaskedVideoModel(
-            video_encoder,
-            target=hp.target,
-            mask_type=hp.mask_type,
-            mask_ratio=hp.mask_ratio,
-            decoder_dim=hp.decoder_dim,
-            decoder_depth=hp.decoder_depth,
-            decoder_heads=hp.decoder_heads,
-            norm_pix=hp.norm_pix,
-            raw_pix_weight=hp.raw_pix_weight,
-            teachers=teachers,
-            teacher_weights=weights,
-            teacher_layers=hp.teacher_layers,
-            distill_head=hp.distill_head,
-            teacher_autocast=hp.teacher_autocast,
+            **self.hparams_for(
+                MaskedVideoModel, video_encoder=video_encoder, teachers=teachers, teacher_weights=weights
+            )
         )
 
     def configure_callbacks(self) -> list[Callback]:

@@ -89,23 +89,11 @@ class NextTokenStage(BaseStage):
         text_encoder = self.build_text_encoder(hp.text) if hp.use_speech else None
         if not (hp.use_audio or hp.use_speech) and (hp.text or hp.audio or hp.fusion):
             log.warning("stage3: text/audio/fusion configs are ignored without use_audio or use_speech")
+        modules = {"audio_encoder": audio_encoder, "text_encoder": text_encoder}
         return VideoCaptioner(
-            video_encoder,
-            self.tokenizer,
-            lm=hp.lm,
-            lm_config=hp.lm_config,
-            num_queries=hp.num_queries,
-            resampler_depth=hp.resampler_depth,
-            resampler=hp.resampler,
-            audio_encoder=audio_encoder,
-            text_encoder=text_encoder,
-            fusion=hp.fusion,
-            pooled_token=hp.pooled_token,
-            prompt=hp.prompt,
-            max_new_tokens=hp.max_new_tokens,
-            caption_weight=hp.caption_weight,
-            dialogue_weight=hp.dialogue_weight,
-            label_smoothing=hp.label_smoothing,
+            **self.hparams_for(
+                VideoCaptioner, video_encoder=video_encoder, tokenizer=self.tokenizer, **modules
+            )
         )
 
     def configure_metrics(self) -> None:

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from iv2_lightning.data.video_io import VideoDecodeError
 from iv2_lightning.use.checkpoints import load_model
-from iv2_lightning.use.clips import VIDEO_SUFFIXES, _Clips, list_videos, load_video
+from iv2_lightning.use.clips import VIDEO_SUFFIXES, VideoItem, _Clips, list_videos, load_video
 from iv2_lightning.use.common import UseError, err_console, set_threads
 from iv2_lightning.use.index import EmbeddingIndex
 
@@ -95,8 +95,6 @@ def embed_main(argv: list[str] | None = None) -> int:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from iv2_lightning.stages.contrastive import ContrastiveStage
 
     items = list_videos(args.videos, args.root)
@@ -106,6 +104,39 @@ def _embed(args: argparse.Namespace) -> int:
     model, ckpt_path = loaded.model, loaded.path  # the VideoTextAligner: its encoders and embedding size
     out = Path(args.out)
     index = EmbeddingIndex.load(out) if out.is_file() else None
+    num_frames, window = _clip_settings(args, model, index)
+    settings = {
+        "ckpt": str(ckpt_path.resolve()),
+        "num_frames": num_frames,
+        "window": window,
+        "image_size": model.video_encoder.image_size,
+        "embed_dim": model.embed_dim,
+    }
+    index = _index_for(out, index, settings)
+    done = set(index.keys)
+    todo = [it for it in items if it.key not in done]
+    err_console.print(
+        f"iv2 embed: {len(items)} clip(s), {len(items) - len(todo)} already in {out}; "
+        f"{loaded.stage} from {ckpt_path} (step {loaded.step}); {num_frames} frames"
+        + (f" in windows of {window}" if window else "")
+    )
+    started = time.perf_counter()
+    added, failed = _embed_todo(model, index, todo, out, args, settings)
+    if added or not out.is_file():
+        index.save(out)
+    seconds = time.perf_counter() - started
+    rate = f" ({added / seconds:.1f} clips/s)" if added and seconds > 0 else ""
+    print(
+        f"embedded {added} new clip(s){rate}, skipped {len(items) - len(todo)} already in the index and "
+        f"{len(failed)} unreadable; {len(index)} clip(s) in {out}"
+    )
+    return 1 if failed and not added and not done else 0
+
+
+def _clip_settings(
+    args: argparse.Namespace, model: Any, index: EmbeddingIndex | None
+) -> tuple[int, int | None]:
+    """The frames per clip and the window (None: whole clips) this run embeds with."""
     trained = model.video_encoder.num_frames
     if index is not None and args.num_frames is None and args.window is None:
         # a rerun without the clip settings continues with those of the file
@@ -117,32 +148,37 @@ def _embed(args: argparse.Namespace) -> int:
     for what, n in (("--num-frames", num_frames), ("--window", window)):
         if n is not None and (n < 1 or n % tubelet):
             raise UseError(f"{what} {n} must be a positive multiple of the model's tubelet size {tubelet}")
-    settings = {
-        "ckpt": str(ckpt_path.resolve()),
-        "num_frames": num_frames,
-        "window": window,
-        "image_size": model.video_encoder.image_size,
-        "embed_dim": model.embed_dim,
-    }
+    return num_frames, window
+
+
+def _index_for(out: Path, index: EmbeddingIndex | None, settings: dict[str, Any]) -> EmbeddingIndex:
+    """A new index with these settings, or the file's own when it was made with the same ones."""
     if index is None:
-        index = EmbeddingIndex(meta=dict(settings))
-    else:
-        differ = _settings_differ(index.meta, settings)
-        if differ:
-            raise UseError(f"{out} was made with other settings ({'; '.join(differ)}); choose another --out")
-        index.meta.update(settings)
-    done = set(index.keys)
-    todo = [it for it in items if it.key not in done]
-    err_console.print(
-        f"iv2 embed: {len(items)} clip(s), {len(items) - len(todo)} already in {out}; "
-        f"{loaded.stage} from {ckpt_path} (step {loaded.step}); {num_frames} frames"
-        + (f" in windows of {window}" if window else "")
-    )
+        return EmbeddingIndex(meta=dict(settings))
+    differ = _settings_differ(index.meta, settings)
+    if differ:
+        raise UseError(f"{out} was made with other settings ({'; '.join(differ)}); choose another --out")
+    index.meta.update(settings)
+    return index
+
+
+def _embed_todo(
+    model: Any,
+    index: EmbeddingIndex,
+    todo: list[VideoItem],
+    out: Path,
+    args: argparse.Namespace,
+    settings: dict[str, Any],
+) -> tuple[int, list[tuple[str, str]]]:
+    """Embed ``todo`` into ``index`` in batches with a progress bar, saving ``out`` every
+    ``--save-every`` batches (the resume point); returns how many were added and the clips that
+    could not be read, with the reason."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
     failed: list[tuple[str, str]] = []
     added = 0
-    started = time.perf_counter()
     loader = DataLoader(
-        _Clips(todo, num_frames, settings["image_size"]),
+        _Clips(todo, settings["num_frames"], settings["image_size"]),
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         collate_fn=list,
@@ -157,21 +193,13 @@ def _embed(args: argparse.Namespace) -> int:
                     failed.append((key, reason))
                     bar.console.print(f"[yellow]skipped[/yellow] {key}: {reason}")
             if good:
-                clip, windows = embed_clips(model, torch.stack([v for _, v in good]), window)
+                clip, windows = embed_clips(model, torch.stack([v for _, v in good]), settings["window"])
                 index.add([k for k, _ in good], clip, windows)
                 added += len(good)
             bar.advance(task, len(batch))
             if n % args.save_every == 0:
                 index.save(out)
-    if added or not out.is_file():
-        index.save(out)
-    seconds = time.perf_counter() - started
-    rate = f" ({added / seconds:.1f} clips/s)" if added and seconds > 0 else ""
-    print(
-        f"embedded {added} new clip(s){rate}, skipped {len(items) - len(todo)} already in the index and "
-        f"{len(failed)} unreadable; {len(index)} clip(s) in {out}"
-    )
-    return 1 if failed and not added and not done else 0
+    return added, failed
 
 
 def build_search_parser() -> argparse.ArgumentParser:
