@@ -9,6 +9,7 @@ definition of the PaLM paper. ``--gpu-dry-run`` runs the same code on the CPU wi
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 
@@ -122,7 +123,9 @@ def _model_flops(stage, step: Callable[[], None]) -> float:
     """FLOPs of one step, counted without activation checkpointing and through SDPA."""
     # model FLOPs: one step without activation checkpointing (its recomputation is not model work)
     # (and through SDPA: the counter knows torch's attention kernels, not flash-attn's)
-    import iv2_lightning.models.attention as attention_module
+    # the module itself: `iv2_lightning.models.attention` as an attribute of the package is the
+    # `attention()` function the package re-exports, so `import ... as` would bind the function
+    attention_module = importlib.import_module("iv2_lightning.models.attention")
 
     enc = stage.model.video_encoder
     ckpt, enc.grad_checkpointing = enc.grad_checkpointing, False
