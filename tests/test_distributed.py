@@ -8,12 +8,11 @@ imports); each rank writes what it saw and the tests compare it with one process
 
 from __future__ import annotations
 
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_helpers import free_port, join_gloo
 from torch import nn
 
 from iv2_lightning.metrics import RetrievalMetric, ZeroShotAccuracy
@@ -28,12 +27,6 @@ IDS = torch.tensor([0, 1, 2, 3, 2, 5, 0, 7])  # duplicates within and across the
 UNEVEN = ((0, 4), (4, 7))  # masked InfoNCE: rank 0 has 4 rows, rank 1 has 3 (a dropped clip)
 VALID = torch.tensor([True, False, True, True, True, True, False])
 SYNTH_SIZE, SYNTH_BATCH, EPOCHS = 12, 2, 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -169,17 +162,7 @@ def _record_sharding(rank: int) -> list[tuple[int, list[int]]]:
 def _worker(rank: int, port: int, out_dir: str) -> None:
     import torch.distributed as dist
 
-    # the variables a launcher (torchrun / srun) sets; Lightning then joins this process group
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, port, WORLD)
     try:
         d = _data()
         rows = slice(rank * ROWS, (rank + 1) * ROWS)
@@ -203,7 +186,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory):
     mp = pytest.importorskip("torch.multiprocessing")
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -23,12 +23,11 @@ through ``FullyShardedDataParallel.clip_grad_norm_`` instead, and this test runs
 from __future__ import annotations
 
 import math
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
+from gloo_helpers import free_port, join_gloo
 from safetensors.torch import load_file
 
 from iv2_lightning.export import export_main
@@ -45,12 +44,6 @@ DATA_ARGS = (
     "--data.init_args.image_size=32",
 )
 FSDP_WRAPPED = "_fsdp_wrapped_module."
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _shared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -87,17 +80,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from iv2_lightning.estimate import parse_config
     from iv2_lightning.models.layers import Block
 
-    # the variables a launcher (torchrun / srun) sets; Lightning then joins this process group
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        WORLD_SIZE=str(WORLD),
-        RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        NODE_RANK="0",
-    )
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    join_gloo(rank, port, WORLD)
     try:
         # the stage and data of configs/stage2/tiny.yaml, every modality, as `iv2 fit` builds them
         cli = make_cli(
@@ -170,7 +153,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
 def ranks(tmp_path_factory):
     mp = pytest.importorskip("torch.multiprocessing")
     out = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(_free_port(), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(out)), nprocs=WORLD, join=True)
     return out, [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from gloo_helpers import free_port
 from safetensors.torch import load_file
 
 from iv2_lightning.estimate import (
@@ -59,12 +59,6 @@ VIDEO_TEXT_ONLY = (
 
 def _as_dict(ns):
     return ns.as_dict() if hasattr(ns, "as_dict") else dict(ns)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_script(code: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
@@ -607,7 +601,7 @@ def deepspeed_run(tmp_path_factory):
     pytest.importorskip("deepspeed")
     out = tmp_path_factory.mktemp("deepspeed")
     extra = {"zero2": list(VIDEO_TEXT_ONLY), "zero3": []}
-    _run_script(DEEPSPEED_SCRIPT, str(out), str(_free_port()), json.dumps(extra), timeout=600)
+    _run_script(DEEPSPEED_SCRIPT, str(out), str(free_port()), json.dumps(extra), timeout=600)
     return out
 
 

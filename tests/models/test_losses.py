@@ -4,11 +4,11 @@ matching."""
 from __future__ import annotations
 
 import math
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
+from gloo_helpers import free_port
 
 from iv2_lightning.models.distributed import gather_no_grad, gather_with_grad
 from iv2_lightning.models.losses import CosineDistillLoss, InfoNCELoss, MatchingLoss
@@ -160,12 +160,6 @@ def test_matching_loss_by_hand():
 # ---------------------------------------------------------------- two processes (gloo)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _ddp_worker(rank: int, world: int, port: int, a, b, ids, out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -194,7 +188,7 @@ def test_gather_with_grad_two_processes_matches_full_batch(tmp_path, with_ids):
     # duplicates across the two ranks' halves; without ids the positives sit at rank * B + i
     ids = torch.tensor([0, 1, 2, 2, 0, 5]) if with_ids else None
     world = 2
-    mp.spawn(_ddp_worker, args=(world, _free_port(), a, b, ids, str(tmp_path)), nprocs=world, join=True)
+    mp.spawn(_ddp_worker, args=(world, free_port(), a, b, ids, str(tmp_path)), nprocs=world, join=True)
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
 
     a_full, b_full = a.clone().requires_grad_(True), b.clone().requires_grad_(True)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import socket
 from dataclasses import replace
 
 import lightning as L
 import pytest
 import torch
 import torch.multiprocessing as mp
+from gloo_helpers import free_port
 from stage_helpers import TINY
 
 from iv2_lightning.data.batch import VideoBatch, VideoCollate, VideoSample
@@ -167,12 +167,6 @@ def test_gradients_reach_every_module():
         assert total > 0, name
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ddp_worker(rank, world, port, cases, stage_samples, out_dir):
     import datetime
 
@@ -223,7 +217,7 @@ def test_masked_infonce_two_processes_matches_one(tmp_path):
     stage_samples = (samples[:4], [replace(x, audio=None, speech=None) for x in samples[4:]])
     world = 2
     mp.spawn(
-        _ddp_worker, args=(world, _free_port(), cases, stage_samples, str(tmp_path)), nprocs=world, join=True
+        _ddp_worker, args=(world, free_port(), cases, stage_samples, str(tmp_path)), nprocs=world, join=True
     )
     res = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(world)]
     for i, (a, b, ids, valid, _) in enumerate(cases):
