@@ -11,7 +11,10 @@ al. (ICML 2023, "Random Teachers are Good Teachers") report that students distil
 teacher learn features that probe better than the teacher's own.
 
 Validation masks are drawn from a fixed seed per batch, so the held-out loss of different epochs is
-comparable; ``val/recon_loss_ratio`` is the current held-out loss over the one of the first epoch.
+comparable; ``val/recon_loss_ratio`` is the current held-out loss over the first one measured: the
+sanity-check pass before training when the trainer runs one (the untrained model; set
+``num_sanity_val_steps`` to the number of validation batches for the same clips), else the first
+validation epoch. So validating only every N epochs (``check_val_every_n_epoch``) keeps its meaning.
 With ``log_images`` (pixel target), :class:`~iv2_lightning.callbacks.reconstruction.ReconstructionImages`
 draws the first validation clip masked, reconstructed and whole.
 """
@@ -116,15 +119,16 @@ class MaskedVideoStage(BaseStage):
         return self._eval_step(batch, batch_idx, "test")
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.sanity_checking or not self._val_losses:
-            self._val_losses.clear()
+        if not self._val_losses:
             return
         means = self.trainer.strategy.reduce(torch.stack(self._val_losses).mean(dim=0), reduce_op="mean")
         current = [float(x) for x in means]  # total, norm-pixel term, raw-pixel term
         self._val_losses.clear()
-        if self.first_val_loss is None:
+        if self.first_val_loss is None:  # the reference: the sanity check (untrained) when there is one
             self.first_val_loss = current[0]
             self._first_parts = current[1:]
+        if self.trainer.sanity_checking:
+            return
         self.log("val/recon_loss_ratio", current[0] / max(self.first_val_loss, 1e-12), sync_dist=False)
         if self.hparams.raw_pix_weight > 0 and self._first_parts:
             # the two terms' own ratios, so a reader sees which one fell

@@ -468,6 +468,23 @@ def test_dataset_items_and_cheap_attributes():
     assert bare.audio is None and bare.speech is None and bare.caption
 
 
+def test_cached_dataset_renders_each_clip_once_and_returns_the_same_samples(monkeypatch):
+    import iv2_lightning.data.synthetic.dataset as dataset_module
+
+    plain = SyntheticVideoDataset(size=4, image_size=32)
+    cached = SyntheticVideoDataset(size=4, image_size=32, cache=True)
+    renders = []
+    real = dataset_module.generate_clip
+    monkeypatch.setattr(dataset_module, "generate_clip", lambda *a, **k: renders.append(a[0]) or real(*a, **k))
+    for _ in range(3):  # three epochs
+        for i in range(4):
+            a, b = plain[i], cached[i]
+            assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
+            assert (a.caption, a.speech, a.qa, a.label, a.meta) == (b.caption, b.speech, b.qa, b.label, b.meta)
+    assert sorted(renders) == sorted([0, 1, 2, 3] * 3 + [0, 1, 2, 3])  # plain: every epoch; cached: once
+    assert cached[-1].meta["index"] == 3 and len(cached._cache) == 4
+
+
 def test_dataset_collates_into_a_video_batch_across_workers():
     ds = SyntheticVideoDataset(size=6, num_frames=8, image_size=32)
     collate = VideoCollate(max_text_length=64)

@@ -11,7 +11,7 @@ of :func:`generate_clip`. The audio is turned into kaldi fbank frames like a rea
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -120,6 +120,7 @@ class SyntheticVideoDataset(Dataset):
         with_audio: bool = True,
         with_speech: bool = True,
         transform: VideoTransform | None = None,
+        cache: bool = False,
     ) -> None:
         if not split:
             raise ValueError("split must be a non-empty name such as 'train', 'val' or 'test'")
@@ -138,6 +139,9 @@ class SyntheticVideoDataset(Dataset):
         self.with_audio = with_audio
         self.with_speech = with_speech
         self.transform = transform if transform is not None else VideoTransform(image_size, train=False)
+        self.cache = cache
+        # index -> (uint8 frames [3, T, H, W], fbank or None, clip without its frames and waveform)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor | None, SyntheticClip]] = {}
 
     def __len__(self) -> int:
         return self.size
@@ -170,10 +174,23 @@ class SyntheticVideoDataset(Dataset):
             self.max_objects,
         ).attributes()
 
-    def __getitem__(self, i: int) -> VideoSample:
+    def _rendered(self, i: int) -> tuple[torch.Tensor, torch.Tensor | None, SyntheticClip]:
+        """Clip ``i``'s frames ``[3, T, H, W]`` (uint8), fbank and clip, from the cache when ``cache``."""
+        i = self._index(i)
+        hit = self._cache.get(i)
+        if hit is not None:
+            return hit
         clip = self.clip(i)
-        video = self.transform(clip.frames.permute(3, 0, 1, 2))
+        frames = clip.frames.permute(3, 0, 1, 2).contiguous()
         audio = compute_fbank(clip.waveform, clip.sample_rate) if clip.waveform is not None else None
+        if self.cache:  # a clip is a pure function of (seed, split, index): render it once
+            clip = replace(clip, frames=clip.frames[:0], waveform=None)
+            self._cache[i] = (frames, audio, clip)
+        return frames, audio, clip
+
+    def __getitem__(self, i: int) -> VideoSample:
+        frames, audio, clip = self._rendered(i)
+        video = self.transform(frames)
         return VideoSample(
             video=video,
             sample_id=clip.sample_id,
