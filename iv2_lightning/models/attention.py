@@ -167,7 +167,8 @@ def attention(
     if mask is not None:
         # rows with no key to attend to would give NaN: let them see every key, zero them after
         empty_rows = ~mask.any(dim=-1, keepdim=True)
-        if bool(empty_rows.any()):
+        # compiled: no data-dependent branch (a graph break); the fill is a no-op on full rows
+        if torch.compiler.is_compiling() or bool(empty_rows.any()):
             mask = mask | empty_rows
         else:
             empty_rows = None

@@ -63,11 +63,15 @@ class DropPath(nn.Module):
     def __init__(self, p: float = 0.0) -> None:
         super().__init__()
         self.p = float(p)
+        self.active = self.p > 0.0
+        # the keep probability as a tensor: under torch.compile a float attribute is a constant of the
+        # graph, so blocks with different rates (a linear drop-path schedule) would each recompile
+        self.register_buffer("keep", torch.tensor(1.0 - self.p), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not self.active or not self.training:
             return x
-        keep = 1.0 - self.p
+        keep = self.keep.to(x.dtype)
         shape = (x.shape[0],) + (1,) * (x.dim() - 1)
         return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
 

@@ -25,7 +25,9 @@ steps: non-finite inputs (video, audio), losses or gradients skip the step (no o
 are counted (``train/bad_steps``), and ``max_bad_steps`` in a row stop the run with a message that
 says so; the gradient norm is logged before each optimizer step (``train/grad_norm``, before
 clipping). Names in ``freeze``, ``lr_mult`` and ``init_prefix_map`` are relative to the model
-(``video_encoder.blocks``), as in an export.
+(``video_encoder.blocks``), as in an export. ``compile``: ``torch.compile`` each repeated block of
+the model (regional compilation, :mod:`iv2_lightning.models.compile`); the first training step then
+includes the compilation, and parameter names and checkpoints stay as in eager mode.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from torch import nn
 from iv2_lightning.data.batch import VideoBatch
 from iv2_lightning.models.audio import AudioEncoder
 from iv2_lightning.models.backbone import VideoEncoder, preset_config
+from iv2_lightning.models.compile import compile_blocks
 from iv2_lightning.models.text import HFTextEncoder, TextEncoder, build_tokenizer
 from iv2_lightning.models.weights import (
     STAGE_MODEL_PREFIX,
@@ -126,6 +129,7 @@ class BaseStage(L.LightningModule, abc.ABC):
         freeze: list[str] | None = None,
         lr_mult: dict[str, float] | None = None,
         max_bad_steps: int = 5,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         # collects the arguments of the subclass __init__ too (Lightning walks the __init__ frames)
@@ -172,6 +176,8 @@ class BaseStage(L.LightningModule, abc.ABC):
             )
         if self.freeze_names:
             self.freeze_parameters(self.freeze_names)
+        # regional torch.compile of the repeated blocks (models/compile.py); parameter names unchanged
+        self.compiled_blocks: list[str] = compile_blocks(self.model) if compile else []
 
     # -- hooks for subclasses ------------------------------------------------------------------
 
