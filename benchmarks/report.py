@@ -144,13 +144,27 @@ def _threads_line(meta: dict) -> str:
     return f"Threads: **{p['threads']}** (`--threads {p['requested']}`: {why})."
 
 
+#: sections other scripts write between their markers, kept as they are when this file is rewritten:
+#: clip decoding (benchmarks/data_throughput.py), tiny stages (benchmarks/stages.py), the GPU check
+#: (benchmarks/gpu_check.py --record)
+KEPT_SECTIONS = (
+    (DATA_START, DATA_END),
+    ("<!-- stages:start -->", "<!-- stages:end -->"),
+    ("<!-- gpu_check:start -->", "<!-- gpu_check:end -->"),
+)
+
+
 def data_section() -> str:
-    """The clip-decoding section written by benchmarks/data_throughput.py, kept as it is."""
-    if DOCS.exists():
-        text = DOCS.read_text(encoding="utf-8")
-        if DATA_START in text and DATA_END in text:
-            return DATA_START + text.split(DATA_START, 1)[1].split(DATA_END, 1)[0] + DATA_END
-    return ""
+    """The sections other scripts wrote between their markers (``KEPT_SECTIONS``), kept as they are."""
+    if not DOCS.exists():
+        return ""
+    text = DOCS.read_text(encoding="utf-8")
+    kept = [
+        start + text.split(start, 1)[1].split(end, 1)[0] + end
+        for start, end in KEPT_SECTIONS
+        if start in text and end in text
+    ]
+    return "\n\n".join(kept)
 
 
 def write_docs(res: dict) -> None:

@@ -318,7 +318,8 @@ def md_gpu(meta: dict) -> list[str]:
         ]
     else:
         L += [
-            "**Not run: no GPU lent** to this task. `python benchmarks/run.py --gpu` runs it where CUDA is available: "
+            "Not run by this invocation (the GPU check of `benchmarks/gpu_check.sh`, at the end of this file, "
+            "has the H200 figures). `python benchmarks/run.py --gpu` runs it where CUDA is available: "
             "the l14 stage-2 step (`ContrastiveStage`, configs/stage2/l14.yaml sizes, batch 8, bf16 autocast, "
             "activation checkpointing) timed over 10 steps, FLOPs counted with `torch.utils.flop_counter` in one "
             "step without checkpointing, against an 8192³ bf16 matmul measured on the same GPU; figures "
