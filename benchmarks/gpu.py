@@ -9,6 +9,7 @@ definition of the PaLM paper. ``--gpu-dry-run`` runs the same code on the CPU wi
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import time
 from collections.abc import Callable
@@ -28,7 +29,46 @@ def run_gpu(s: Settings, out: dict, meta: dict, dry_run: bool = False) -> None:
         meta["gpu"] = {"status": "not run: no GPU lent"}
         return
     device = torch.device("cpu" if dry_run else "cuda")
-    preset, batch_size, n, steps = ("tiny", 2, 512, 2) if dry_run else ("l14", 8, 8192, 10)
+    batch_size, n, steps = (2, 512, 2) if dry_run else (8, 8192, 10)
+    v = run_variant(False, "auto", dry_run, steps, batch_size)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    peak = _bf16_matmul_peak(n, device, sync)
+    res = {
+        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run)",
+        "batch": batch_size,
+        "step_s": v["step_s"],
+        "step_tflop": v["step_tflop"],
+        "matmul_peak_tflops_bf16": peak / 1e12,
+        "mfu_bf16": v["step_tflop"] * 1e12 / v["step_s"] / peak,
+    }
+    meta["gpu"] = {"status": "dry run on CPU (tiny)" if dry_run else "run", **res}
+    if not dry_run:
+        out["gpu_mfu_bf16_l14_stage2"] = res["mfu_bf16"]
+        out["gpu_matmul_peak_tflops_bf16"] = res["matmul_peak_tflops_bf16"]
+        out["gpu_l14_stage2_step_s"] = v["step_s"]
+
+
+@contextlib.contextmanager
+def attention_backend(name: str):
+    """``sdpa``: flash-attn switched off for the duration; ``flash``: the default ``auto`` dispatch."""
+    module = importlib.import_module("iv2_lightning.models.attention")
+    can_run = module._flash_can_run
+    if name == "sdpa":
+        module._flash_can_run = lambda *a: False
+    try:
+        yield
+    finally:
+        module._flash_can_run = can_run
+
+
+def run_variant(compiled: bool, backend: str, dry_run: bool, steps: int, batch_size: int) -> dict:
+    """One variant of the stage-2 step: first-step seconds (compilation included), steady step time,
+    peak memory, MFU."""
+    from iv2_lightning.models.compile import compile_blocks
+
+    device = torch.device("cpu" if dry_run else "cuda")
+    preset = "tiny" if dry_run else "l14"
+    torch.manual_seed(0)
     stage, opt, batch = _stage_and_batch(dry_run, device, preset, batch_size)
     amp = torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -36,36 +76,44 @@ def run_gpu(s: Settings, out: dict, meta: dict, dry_run: bool = False) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    def step():
+    def step() -> float:
         with amp:
             loss = stage.compute_loss(batch)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
 
-    flops = _model_flops(stage, step)
-    for _ in range(2):
+    with attention_backend(backend):
+        flops = _model_flops(stage, step)  # eager, before compiling
+        names = compile_blocks(stage.model) if compiled else []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        first_loss = step()
+        sync()
+        first_s = time.perf_counter() - t0
         step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync()
-    step_s = (time.perf_counter() - t0) / steps
-    peak = _bf16_matmul_peak(n, device, sync)
-    res = {
-        "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu (dry run)",
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync()
+        step_s = (time.perf_counter() - t0) / steps
+    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {
+        "compiled": compiled,
+        "backend": backend,
+        "blocks_compiled": len(names),
         "batch": batch_size,
+        "first_step_s": first_s,
         "step_s": step_s,
+        "clips_per_s": batch_size / step_s,
         "step_tflop": flops / 1e12,
-        "matmul_peak_tflops_bf16": peak / 1e12,
-        "mfu_bf16": flops / step_s / peak,
+        "achieved_tflops": flops / step_s / 1e12,
+        "peak_mem_gb": peak_gb,
+        "first_loss": first_loss,
     }
-    meta["gpu"] = {"status": "dry run on CPU (tiny)" if dry_run else "run", **res}
-    if not dry_run:
-        out["gpu_mfu_bf16_l14_stage2"] = res["mfu_bf16"]
-        out["gpu_matmul_peak_tflops_bf16"] = res["matmul_peak_tflops_bf16"]
-        out["gpu_l14_stage2_step_s"] = step_s
 
 
 def _stage_and_batch(dry_run: bool, device: torch.device, preset: str, batch_size: int):

@@ -15,15 +15,12 @@ torch's counter includes its own formula for the fused attention kernels.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.gpu import _bf16_matmul_peak, _model_flops, _stage_and_batch
+from benchmarks.gpu import _bf16_matmul_peak, run_variant
 
 #: dense (no sparsity) bf16 tensor-core peaks from NVIDIA's data sheets, TFLOP/s, by name fragment
 DENSE_BF16_TFLOPS = (("H200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("A100", 312.0), ("L40S", 362.0))
@@ -35,74 +32,6 @@ def card_peak_tflops(name: str) -> float | None:
         if fragment in name:
             return tflops
     return None
-
-
-@contextlib.contextmanager
-def attention_backend(name: str):
-    """``sdpa``: flash-attn switched off for the duration; ``flash``: the default ``auto`` dispatch."""
-    module = importlib.import_module("iv2_lightning.models.attention")
-    can_run = module._flash_can_run
-    if name == "sdpa":
-        module._flash_can_run = lambda *a: False
-    try:
-        yield
-    finally:
-        module._flash_can_run = can_run
-
-
-def run_variant(compiled: bool, backend: str, dry_run: bool, steps: int, batch_size: int) -> dict:
-    """One variant of the stage-2 step: first-step seconds (compilation included), steady step time,
-    peak memory, MFU."""
-    from iv2_lightning.models.compile import compile_blocks
-
-    device = torch.device("cpu" if dry_run else "cuda")
-    preset = "tiny" if dry_run else "l14"
-    torch.manual_seed(0)
-    stage, opt, batch = _stage_and_batch(dry_run, device, preset, batch_size)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16)
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-
-    def step() -> float:
-        with amp:
-            loss = stage.compute_loss(batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    with attention_backend(backend):
-        flops = _model_flops(stage, step)  # eager, before compiling
-        names = compile_blocks(stage.model) if compiled else []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        t0 = time.perf_counter()
-        first_loss = step()
-        sync()
-        first_s = time.perf_counter() - t0
-        step()
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step()
-        sync()
-        step_s = (time.perf_counter() - t0) / steps
-    peak_gb = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {
-        "compiled": compiled,
-        "backend": backend,
-        "blocks_compiled": len(names),
-        "batch": batch_size,
-        "first_step_s": first_s,
-        "step_s": step_s,
-        "clips_per_s": batch_size / step_s,
-        "step_tflop": flops / 1e12,
-        "achieved_tflops": flops / step_s / 1e12,
-        "peak_mem_gb": peak_gb,
-        "first_loss": first_loss,
-    }
 
 
 def run(dry_run: bool, steps: int, batch_size: int) -> dict:

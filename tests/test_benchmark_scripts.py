@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_check, report, stages
+from benchmarks import gpu, gpu_check, report, stages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,7 +27,7 @@ def test_card_peaks_by_name():
 
 
 def test_gpu_check_step_runs_on_the_tiny_preset_and_fills_the_table():
-    v = gpu_check.run_variant(False, "sdpa", dry_run=True, steps=1, batch_size=2)
+    v = gpu.run_variant(False, "sdpa", dry_run=True, steps=1, batch_size=2)
     assert v["batch"] == 2 and v["step_s"] > 0 and v["step_tflop"] > 0 and v["blocks_compiled"] == 0
     res = {
         "device": "cpu (dry run)",
