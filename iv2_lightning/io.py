@@ -101,7 +101,9 @@ class ResumeCheckpoint(ModelCheckpoint):
             save_top_k=1,
             enable_version_counter=False,
             every_n_train_steps=every_n_train_steps,
-            save_on_train_epoch_end=None,
+            # at every epoch's end even when validation runs only every N epochs (None would save
+            # after validation then, so a stage validating every 8th epoch could resume only from those)
+            save_on_train_epoch_end=True,
         )
         if every_n_train_steps:
             self._every_n_epochs = 1  # and at the end of every epoch
