@@ -61,7 +61,9 @@ def baseline_tree(ref: str) -> Path:
     ).stdout.strip()
     path = Path(tempfile.gettempdir()) / f"iv2_baseline_{sha}"
     if not (path / "iv2_lightning").is_dir():
-        subprocess.run(["git", "worktree", "add", "--detach", "--force", str(path), sha], cwd=ROOT, check=True)
+        subprocess.run(
+            ["git", "worktree", "add", "--detach", "--force", str(path), sha], cwd=ROOT, check=True
+        )
     return path
 
 
