@@ -84,9 +84,9 @@ def time_fit(tree: Path, stage: str, epochs: int | None, threads: int) -> dict:
     return {"seconds": seconds, "clips": clips, "epochs": epochs, "clips_per_s": clips / seconds}
 
 
-def run_fits(baseline: Path, full: bool, rounds: int, threads: int) -> dict:
+def run_fits(baseline: Path, full: bool, rounds: int, threads: int, stages: tuple[str, ...] = STAGES) -> dict:
     res: dict = {}
-    for stage in STAGES:
+    for stage in stages:
         epochs = None if full else SHORT_EPOCHS.get(stage)
         runs: dict[str, list[dict]] = {"baseline": [], "current": []}
         for r in range(rounds):
@@ -149,18 +149,22 @@ def markdown(res: dict) -> str:
         f"fp32 1024³ matmul {res['matmul_gflops_fp32']:.0f} GFLOP/s at the start. Baseline: commit "
         f"`{res['baseline']}` (its own code and configs, from a git worktree); current: the working tree. "
         "Each fit is a fresh process (start-up, data, training, validation, checkpoints all counted), the two "
-        f"alternating, {res['rounds']} round(s); clips/s = training clips / wall seconds.",
+        "alternating; clips/s = training clips / wall seconds; speedup: median of the per-round ratios, "
+        "with the range when a stage ran more than one round.",
         "",
-        "| stage | epochs | clips | baseline s | current s | baseline clips/s | current clips/s | speedup (median) | goal 2x |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stage | measured (matmul GFLOP/s) | rounds | epochs | clips | baseline s | current s | baseline clips/s | current clips/s | speedup | goal 2x |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for stage, r in fits.items():
         b = statistics.median(x["seconds"] for x in r["baseline"])
         c = statistics.median(x["seconds"] for x in r["current"])
         clips = r["current"][0]["clips"]
+        spread = f" ({min(r['speedups']):.2f}–{max(r['speedups']):.2f})" if len(r["speedups"]) > 1 else ""
         lines.append(
-            f"| {stage} | {r['current'][0]['epochs']} | {clips} | {b:.1f} | {c:.1f} | {clips / b:.1f} | "
-            f"{clips / c:.1f} | **{r['speedup']:.2f}x** | {'met' if r['speedup'] >= 2 else 'not met'} |"
+            f"| {stage} | {r.get('date', res['date'])} ({r.get('matmul_gflops_fp32', res['matmul_gflops_fp32']):.0f}) "
+            f"| {len(r['speedups'])} | {r['current'][0]['epochs']} | {clips} | {b:.1f} | {c:.1f} | "
+            f"{clips / b:.1f} | {clips / c:.1f} | **{r['speedup']:.2f}x**{spread} | "
+            f"{'met' if r['speedup'] >= 2 else 'not met'} |"
         )
     lines += [
         "",
@@ -196,6 +200,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=1, help="baseline/current pairs per stage")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-fits", action="store_true", help="only the step section (keeps the fit figures)")
+    p.add_argument(
+        "--stages", default=",".join(STAGES), help="stages to fit (the others keep their previous figures)"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     previous = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
@@ -211,7 +218,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_fits and "fits" in previous:
         res.update({k: previous[k] for k in ("fits", "mode", "rounds", "baseline") if k in previous})
     else:
-        res["fits"] = run_fits(baseline_tree(args.baseline), args.full, args.rounds, args.threads)
+        chosen = tuple(x for x in args.stages.split(",") if x)
+        unknown = sorted(set(chosen) - set(STAGES))
+        if unknown:
+            p.error(f"--stages: unknown {unknown}; choose from {list(STAGES)}")
+        kept = {k: v for k, v in previous.get("fits", {}).items() if k not in chosen}
+        fresh = run_fits(baseline_tree(args.baseline), args.full, args.rounds, args.threads, chosen)
+        for r in fresh.values():  # a stage not rerun keeps its own date and machine figure
+            r.update(date=res["date"], matmul_gflops_fp32=res["matmul_gflops_fp32"])
+        res["fits"] = {k: {**kept, **fresh}[k] for k in STAGES if k in {**kept, **fresh}}
     res["steps"] = {}
     for stage in STAGES:
         log(f"{stage} bare step")
