@@ -69,16 +69,23 @@ def _steps(
 ) -> tuple[dict[str, Callable[[], None]], dict]:
     """Every contender of the section's rounds (and the stages, kept alive until the end)."""
     from iv2_lightning.models import tube_mask
+    from iv2_lightning.models.compile import compile_blocks
 
     d = s.peer_depth
     hf_video = video.transpose(1, 2).contiguous()  # Hugging Face video models take [B, T, C, H, W]
     ours_j, ours_d = s14_encoder(d, "joint"), s14_encoder(d, "divided")
     vmae, tsf = videomae(d), timesformer(d)
+    # the same encoders with their blocks compiled (regional torch.compile, `compile: true`)
+    ours_jc, ours_dc = s14_encoder(d, "joint"), s14_encoder(d, "divided")
+    compile_blocks(ours_jc)
+    compile_blocks(ours_dc)
     steps = {
         "ours_joint": ours_step(ours_j, video),
         "videomae": hf_step(vmae, hf_video),
         "ours_divided": ours_step(ours_d, video),
         "timesformer": hf_step(tsf, hf_video),
+        "ours_joint_compiled": ours_step(ours_jc, video),
+        "ours_divided_compiled": ours_step(ours_dc, video),
     }
     if s.rmsnorm_before_after:
         steps["ours_joint_torch_rmsnorm"] = before_rmsnorm(steps["ours_joint"])
@@ -117,9 +124,9 @@ def _warm_up_and_count(steps: dict[str, Callable[[], None]]) -> dict[str, float]
         if name.startswith("matmul"):
             fn()
             flops[name] = 3 * 2.0 * 2048**3
-        elif name == "ours_joint_torch_rmsnorm":
-            fn()
-            flops[name] = flops["ours_joint"]
+        elif name == "ours_joint_torch_rmsnorm" or name.endswith("_compiled"):
+            fn()  # the same model work as eager (this first call also compiles)
+            flops[name] = flops[name.removesuffix("_compiled").removesuffix("_torch_rmsnorm")]
         else:
             flops[name] = count_flops(fn)
         log(f"  peers warm-up + FLOPs {name}: {flops[name] / 1e9:.1f} GFLOP")
@@ -134,6 +141,10 @@ def _peer_figures(s: Settings, times: dict, t: dict, flops: dict, out: dict) -> 
     out["ratio_vs_videomae"] = paired(times["videomae"], times["ours_joint"])
     out["ratio_vs_timesformer"] = paired(times["timesformer"], times["ours_divided"])
     out["ratio_divided_vs_joint_s14"] = paired(times["ours_joint"], times["ours_divided"])
+    for k in ("ours_joint_compiled", "ours_divided_compiled"):
+        out[f"{k}_s_per_clip"] = t[k]
+    out["ratio_vs_videomae_compiled"] = paired(times["videomae"], times["ours_joint_compiled"])
+    out["ratio_vs_timesformer_compiled"] = paired(times["timesformer"], times["ours_divided_compiled"])
     if s.rmsnorm_before_after:
         out["ours_joint_torch_rmsnorm_s_per_clip"] = t["ours_joint_torch_rmsnorm"]
         out["rmsnorm_fix_speedup"] = paired(times["ours_joint_torch_rmsnorm"], times["ours_joint"])
@@ -150,6 +161,8 @@ def _mfu_figures(times: dict, t: dict, flops: dict, out: dict) -> None:
         ("ours_divided", "cpu_mfu_fp32_ours_divided"),
         ("videomae", "cpu_mfu_fp32_videomae"),
         ("timesformer", "cpu_mfu_fp32_timesformer"),
+        ("ours_joint_compiled", "cpu_mfu_fp32_compiled"),
+        ("ours_divided_compiled", "cpu_mfu_fp32_ours_divided_compiled"),
     ):
         out[key] = med([flops[k] / tt / p for tt, p in zip(times[k], peak32, strict=True)])
         out[f"{k}_gflops"] = flops[k] / t[k] / 1e9
