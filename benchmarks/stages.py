@@ -34,6 +34,7 @@ import yaml
 
 from benchmarks.config import DOCS, ROOT
 from benchmarks.measure import count_flops, cpu_name, log, matmul_rate
+from benchmarks.workloads import stage_step
 
 RESULTS = ROOT / "benchmarks" / "results_stages.json"
 START, END = "<!-- stages:start -->", "<!-- stages:end -->"
@@ -113,13 +114,7 @@ def step_mfu(stage: str, threads: int, reps: int = 5) -> dict:
     opt = model.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     model.train()
-
-    def step():
-        loss = model.compute_loss(batch)["loss"]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
+    step = stage_step(model, opt, batch)
     step()
     flops = count_flops(step)
     times, rates = [], []
