@@ -11,8 +11,10 @@ newest checkpoint in its ``checkpoints/`` that loads (a damaged one is passed ov
 one that would run code when unpickled stops the command, naming the file). With the same seed, on
 CPU, the resumed stage ends with the weights an uninterrupted run would have.
 
-At the end it prints a table of the metrics each stage reports and writes
-``<output_dir>/summary.json``.
+At the end it prints a table of the metrics each stage reports, a table of the *claims* (each a
+metric of the curriculum beside the same metric of its twin, e.g. stage 2 from the stage-1 export
+against stage 2 from scratch, with the margin it must hold by), the machine's fp32 matmul rate beside
+the total time, and writes all of it to ``<output_dir>/summary.json``.
 
 Example (``configs/curriculum/tiny.yaml``)::
 
@@ -28,6 +30,12 @@ Example (``configs/curriculum/tiny.yaml``)::
         report: {zs_direction_acc: val/zs_acc, t2v_r5_attr: val/t2v_r5}
     targets:
       stage1.recon_loss_ratio: ["<=", 0.6]
+    claims:
+      - name: stage 1 helps stage 2
+        ours: stage2.t2v_r1                     # section.metric of the summary
+        baseline: stage2_scratch.t2v_r1         # the twin: same data, same budget, same seed
+        margin: 10                              # ours - baseline must be >= margin
+        context: text->video R@1 on 256 held-out clips
 """
 
 from __future__ import annotations
@@ -58,7 +66,8 @@ log = logging.getLogger(__name__)
 console = Console()
 
 STAGE_KEYS = {"name", "configs", "args", "init_from", "report", "summary_key"}
-TOP_KEYS = {"output_dir", "seed", "stages", "targets"}
+TOP_KEYS = {"output_dir", "seed", "stages", "targets", "claims"}
+CLAIM_KEYS = {"name", "ours", "baseline", "margin", "higher_is_better", "context"}
 OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
 
@@ -119,10 +128,30 @@ def load_curriculum(path: str | Path) -> dict[str, Any]:
             raise CurriculumConfigError(
                 f"{path}: target {key} must be [op, value] with op in {sorted(OPS)}; got {rule}"
             )
+    cfg["claims"] = [_check_claim(path, i, c) for i, c in enumerate(cfg.get("claims") or [])]
     cfg.setdefault("output_dir", "runs/curriculum")
     cfg.setdefault("seed", 0)
     cfg.setdefault("targets", {})
     return cfg
+
+
+def _check_claim(path: Path, i: int, claim: Any) -> dict[str, Any]:
+    where = f"{path}: claims[{i}]"
+    if not isinstance(claim, dict):
+        raise CurriculumConfigError(f"{where} must be a mapping with keys {sorted(CLAIM_KEYS)}")
+    where += f" ({claim.get('name', 'unnamed')})"
+    bad = set(claim) - CLAIM_KEYS
+    if bad:
+        raise CurriculumConfigError(f"{where}: unknown key(s) {sorted(bad)}; allowed: {sorted(CLAIM_KEYS)}")
+    missing = {"name", "ours", "baseline", "margin"} - set(claim)
+    if missing:
+        raise CurriculumConfigError(f"{where}: missing key(s) {sorted(missing)}")
+    for key in ("ours", "baseline"):
+        if not (isinstance(claim[key], str) and "." in claim[key]):
+            raise CurriculumConfigError(f"{where}: {key} must be 'section.metric'; got {claim[key]!r}")
+    if isinstance(claim["margin"], bool) or not isinstance(claim["margin"], (int, float)):
+        raise CurriculumConfigError(f"{where}: margin must be a number; got {claim['margin']!r}")
+    return {"higher_is_better": True, "context": "", **claim}
 
 
 def read_manifest(stage_dir: Path) -> dict[str, Any] | None:
@@ -213,19 +242,101 @@ def check_targets(cfg: dict[str, Any], summary: dict[str, Any]) -> list[tuple[st
     return rows
 
 
+def _lookup(summary: dict[str, Any], key: str) -> float | None:
+    section, _, name = key.partition(".")
+    value = summary.get(section, {}).get(name)
+    return None if value is None else float(value)
+
+
+def check_claims(cfg: dict[str, Any], summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each claim with both values, the gain of ours over the twin (sign-flipped where lower is
+    better) and whether the gain reaches the margin (None when a value is missing)."""
+    rows = []
+    for claim in cfg.get("claims") or []:
+        ours, base = _lookup(summary, claim["ours"]), _lookup(summary, claim["baseline"])
+        gain = None
+        if ours is not None and base is not None:
+            gain = round((ours - base) if claim["higher_is_better"] else (base - ours), 4)
+        rows.append(
+            {
+                "name": claim["name"],
+                "ours_key": claim["ours"],
+                "ours": ours,
+                "baseline_key": claim["baseline"],
+                "baseline": base,
+                "gain": gain,
+                "margin": claim["margin"],
+                "holds": None if gain is None else gain >= claim["margin"],
+                "context": claim["context"],
+            }
+        )
+    return rows
+
+
+def machine_figure(threads: int | None = None, n: int = 1024, reps: int = 5) -> dict[str, Any]:
+    """The machine's fp32 ``n``³ matmul rate (median of ``reps``, GFLOP/s) on the threads torch uses:
+    printed beside every total, since machines that run the same job differ 2x."""
+    import statistics
+
+    import torch
+
+    before = torch.get_num_threads()
+    threads = threads or before
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)
+        rates = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            torch.mm(a, b)
+            rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+    finally:
+        torch.set_num_threads(before)
+    return {"matmul_fp32_gflops": round(statistics.median(rates), 1), "threads": threads}
+
+
+def print_claims(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = Table(title="claims: the curriculum beside its twin (same data, budget, seed)")
+    for col in ("claim", "ours", "twin", "gain", "margin", "holds", "context"):
+        table.add_column(col, justify="right" if col in ("ours", "twin", "gain", "margin") else "left")
+    for r in rows:
+        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+        holds = "" if r["holds"] is None else ("[green]yes[/green]" if r["holds"] else "[red]no[/red]")
+        table.add_row(
+            r["name"],
+            f"{fmt(r['ours'])} ({r['ours_key']})",
+            f"{fmt(r['baseline'])} ({r['baseline_key']})",
+            fmt(r["gain"]),
+            f">= {r['margin']}",
+            holds,
+            escape(r["context"]),
+        )
+    console.print(table)
+
+
 def print_summary(cfg: dict[str, Any], summary: dict[str, Any]) -> None:
     targets = {k: (v, t, ok) for k, v, t, ok in check_targets(cfg, summary)}
-    table = Table(title=f"curriculum summary ({summary['seconds']:.0f} s of training)")
+    machine = summary.get("machine") or {}
+    rate = (
+        f", fp32 matmul {machine['matmul_fp32_gflops']:.0f} GFLOP/s on {machine['threads']} threads"
+        if machine
+        else ""
+    )
+    table = Table(title=f"curriculum summary ({summary['seconds']:.0f} s of training{rate})")
     for col in ("stage", "metric", "value", "target", "met"):
         table.add_column(col, justify="right" if col == "value" else "left")
     for section, values in summary.items():
-        if not isinstance(values, dict):
+        if not isinstance(values, dict) or section == "machine":
             continue
         for name, value in values.items():
             _, target, ok = targets.get(f"{section}.{name}", (None, "", None))
             met = "" if ok is None else ("[green]yes[/green]" if ok else "[red]no[/red]")
             table.add_row(section, name, "-" if value is None else f"{value:.4f}", target, met)
     console.print(table)
+    print_claims(summary.get("claims") or [])
 
 
 def curriculum_main(argv: list[str] | None = None) -> int:
@@ -234,6 +345,9 @@ def curriculum_main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--config", required=True, help="curriculum YAML (e.g. configs/curriculum/tiny.yaml)")
     p.add_argument("--output-dir", default=None, help="override output_dir of the YAML")
+    p.add_argument(
+        "--seed", type=int, default=None, help="override seed of the YAML (for the run-to-run spread)"
+    )
     p.add_argument(
         "--stages", default=None, help="comma-separated subset of stage names to run (in YAML order)"
     )
@@ -250,7 +364,10 @@ def curriculum_main(argv: list[str] | None = None) -> int:
         if unknown:
             console.print(f"[red]--stages names unknown stage(s) {sorted(unknown)}[/red]")
             return 2
+    if args.seed is not None:
+        cfg["seed"] = args.seed
     started = time.time()
+    machine = machine_figure()
     manifests: dict[str, dict[str, Any]] = {}
     for stage in cfg["stages"]:
         name = stage["name"]
@@ -278,6 +395,10 @@ def curriculum_main(argv: list[str] | None = None) -> int:
             return 1
     summary = summarize(cfg, manifests)
     summary["wall_seconds_this_run"] = round(time.time() - started, 1)
+    summary["seed"] = int(cfg["seed"])
+    # the rate at the start and at the end: a shared machine's load changes during a long run
+    summary["machine"] = {**machine, "matmul_fp32_gflops_end": machine_figure()["matmul_fp32_gflops"]}
+    summary["claims"] = check_claims(cfg, summary)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "summary.json", summary)
     print_summary(cfg, summary)
