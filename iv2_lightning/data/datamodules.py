@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from iv2_lightning.data.batch import MODALITIES, SkippedSample, VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.datasets import OnError, SkipLog, VideoTextDataset, collect_skipped
-from iv2_lightning.data.synthetic import SyntheticVideoDataset, direction_prompts
+from iv2_lightning.data.synthetic import SyntheticVideoDataset
+from iv2_lightning.data.synthetic.text import LABEL_ATTRIBUTES, attribute_prompts, sequence_prompts
 from iv2_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
 from iv2_lightning.data.video_io import VideoDecodeError, read_clip
 from iv2_lightning.features.tokenizers import build_tokenizer
@@ -173,8 +174,14 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
 
     A clip's sound lasts as long as its frames (``num_frames / fps`` s: 98 fbank frames at the
     defaults), so ``max_audio_frames`` crops nothing unless it is smaller (the collate then keeps
-    the first frames). The labels are the first object's direction; :meth:`class_prompts` gives
-    the direction prompts.
+    the first frames). ``label``: which attribute of the first object the labels are (``direction``,
+    the default, ``shape`` or ``color``); :meth:`class_prompts` gives that attribute's prompts, so
+    the same stage measures zero-shot shape or colour by changing this one field.
+
+    ``windows > 1``: long clips of ``windows * num_frames`` frames whose object turns at every window
+    boundary (:func:`~iv2_lightning.data.synthetic.dataset.generate_clip`); with ``label: sequence``
+    the label is the ordered direction sequence (12 classes for 2 windows), which the mean of
+    per-window features cannot read (it sees the set of directions, not their order).
 
     ``cache``: keep each rendered clip (uint8 frames and fbank, about 150 kB at 8 x 64² with sound)
     in memory after its first use, so later epochs only normalise it. A clip is a pure function of
@@ -199,6 +206,8 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
         max_audio_frames: int = 1024,
         pin_memory: bool = False,
         cache: bool = False,
+        label: Literal["direction", "shape", "color", "sequence"] = "direction",
+        windows: int = 1,
     ) -> None:
         super().__init__(
             num_frames=num_frames,
@@ -216,6 +225,12 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
         self.seed = seed
         self.max_objects = max_objects
         self.fps = fps
+        if label not in (*LABEL_ATTRIBUTES, "sequence"):
+            raise ValueError(f"label must be one of {sorted((*LABEL_ATTRIBUTES, 'sequence'))}; got {label!r}")
+        if windows < 1:
+            raise ValueError(f"windows must be >= 1; got {windows}")
+        self.label = label
+        self.windows = windows
 
     def make_dataset(self, split: str) -> SyntheticVideoDataset:
         return SyntheticVideoDataset(
@@ -230,11 +245,15 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
             with_speech="speech" in self.modalities,
             transform=self.transform(train=False),
             cache=self.cache,
+            label=self.label,
+            windows=self.windows,
         )
 
     def class_prompts(self) -> dict[str, list[str]]:
-        """The direction prompts (labels are direction indices, in the same order)."""
-        return direction_prompts()
+        """The prompts of the ``label`` attribute (labels are its value indices, in the same order)."""
+        if self.label == "sequence":
+            return sequence_prompts(self.windows)
+        return attribute_prompts(self.label)
 
     def setup(self, stage: str | None = None) -> None:
         for split, size in self.sizes.items():

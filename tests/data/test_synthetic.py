@@ -475,12 +475,20 @@ def test_cached_dataset_renders_each_clip_once_and_returns_the_same_samples(monk
     cached = SyntheticVideoDataset(size=4, image_size=32, cache=True)
     renders = []
     real = dataset_module.generate_clip
-    monkeypatch.setattr(dataset_module, "generate_clip", lambda *a, **k: renders.append(a[0]) or real(*a, **k))
+    monkeypatch.setattr(
+        dataset_module, "generate_clip", lambda *a, **k: renders.append(a[0]) or real(*a, **k)
+    )
     for _ in range(3):  # three epochs
         for i in range(4):
             a, b = plain[i], cached[i]
             assert torch.equal(a.video, b.video) and torch.equal(a.audio, b.audio)
-            assert (a.caption, a.speech, a.qa, a.label, a.meta) == (b.caption, b.speech, b.qa, b.label, b.meta)
+            assert (a.caption, a.speech, a.qa, a.label, a.meta) == (
+                b.caption,
+                b.speech,
+                b.qa,
+                b.label,
+                b.meta,
+            )
     assert sorted(renders) == sorted([0, 1, 2, 3] * 3 + [0, 1, 2, 3])  # plain: every epoch; cached: once
     assert cached[-1].meta["index"] == 3 and len(cached._cache) == 4
 
@@ -548,3 +556,82 @@ def test_synth_main_writes_playable_media_and_annotations(tmp_path, capsys):
 def test_synth_main_rejects_odd_image_size(tmp_path):
     with pytest.raises(SystemExit):
         synth_main(["--out", str(tmp_path), "--num-clips", "1", "--image-size", "63"])
+
+
+@pytest.mark.parametrize("attribute", ["direction", "shape", "color"])
+def test_label_names_the_chosen_attribute_and_its_prompts(attribute):
+    from iv2_lightning.data import SyntheticVideoDataModule
+    from iv2_lightning.data.synthetic import LABEL_ATTRIBUTES
+
+    dm = SyntheticVideoDataModule(
+        num_frames=8,
+        image_size=32,
+        train_size=12,
+        val_size=0,
+        test_size=0,
+        modalities=["label"],
+        label=attribute,
+    )
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    values = LABEL_ATTRIBUTES[attribute]
+    assert [values[ds[i].label] for i in range(12)] == [
+        ds.attributes(i)["objects"][0][attribute] for i in range(12)
+    ]
+    prompts = dm.class_prompts()
+    assert list(prompts) == list(values)
+    for value, rows in prompts.items():  # every prompt names its own value and no other of the attribute
+        if attribute != "direction":
+            assert all(value in r and not any(o in r.split() for o in values if o != value) for r in rows)
+
+
+def test_bad_label_attribute_is_refused_by_name():
+    from iv2_lightning.data import SyntheticVideoDataModule
+
+    with pytest.raises(
+        ValueError, match=r"label must be one of \['color', 'direction', 'sequence', 'shape'\]; got 'size'"
+    ):
+        SyntheticVideoDataModule(label="size")
+
+
+def test_a_long_clip_turns_at_every_window_and_each_window_is_an_ordinary_clip():
+    from iv2_lightning.data.synthetic import render_clip
+    from iv2_lightning.data.synthetic.dataset import generate_clip
+    from iv2_lightning.data.synthetic.scene import with_direction
+    from iv2_lightning.data.synthetic.text import sequence_names, sequence_of
+
+    one = generate_clip(5, num_frames=8, image_size=32)
+    long = generate_clip(5, num_frames=8, image_size=32, windows=3)
+    assert long.frames.shape == (24, 32, 32, 3) and one.directions == (one.params.objects[0].direction,)
+    assert long.directions[0] == one.directions[0]  # the one-window clip is the long clip's start
+    assert all(a != b for a, b in itertools.pairwise(long.directions))
+    assert torch.equal(long.frames[:8], one.frames)
+    first = long.params.objects[0]
+    for w, d in enumerate(long.directions):
+        window = replace(long.params, objects=(with_direction(first, d),))
+        assert torch.equal(long.frames[8 * w : 8 * (w + 1)], render_clip(window))
+    assert long.caption.startswith(one.caption) and long.caption.count(", then ") == 2
+    assert sequence_names(3)[sequence_of(long.directions)] == " then ".join(long.directions)
+    assert len(sequence_names(2)) == 12 and len(set(sequence_names(3))) == 36
+    with pytest.raises(ValueError, match="consecutive windows move the same way"):
+        sequence_of(("left", "left"))
+
+
+def test_sequence_labels_cover_every_ordered_pair():
+    from iv2_lightning.data import SyntheticVideoDataModule
+
+    dm = SyntheticVideoDataModule(
+        num_frames=8,
+        image_size=16,
+        train_size=240,
+        val_size=0,
+        test_size=0,
+        modalities=["label"],
+        label="sequence",
+        windows=2,
+    )
+    dm.setup("fit")
+    ds = dm.datasets["train"]
+    labels = [ds[i].label for i in range(240)]
+    assert set(labels) == set(range(12)) and ds[0].video.shape[1] == 16
+    assert list(dm.class_prompts())[:2] == ["left then right", "left then up"]

@@ -27,9 +27,18 @@ from iv2_lightning.data.synthetic.scene import (
     draw_params,
     sample_id_of,
     sample_params,
+    with_direction,
 )
 from iv2_lightning.data.synthetic.sound import SAMPLE_RATE, synthesize_audio
-from iv2_lightning.data.synthetic.text import make_audio_caption, make_caption, make_qa, make_speech
+from iv2_lightning.data.synthetic.text import (
+    LABEL_ATTRIBUTES,
+    make_audio_caption,
+    make_caption,
+    make_qa,
+    make_speech,
+    sequence_caption,
+    sequence_of,
+)
 from iv2_lightning.data.transforms import VideoTransform
 from iv2_lightning.features.fbank import compute_fbank
 
@@ -55,6 +64,7 @@ class SyntheticClip:
     index: int
     split: str
     seed: int
+    directions: tuple[str, ...] = ()
 
 
 def generate_clip(
@@ -66,10 +76,19 @@ def generate_clip(
     fps: float = 8.0,
     max_objects: int = 1,
     with_audio: bool = True,
+    windows: int = 1,
 ) -> SyntheticClip:
-    """Clip ``index`` of ``split``: identical bytes for the same arguments, in any process."""
+    """Clip ``index`` of ``split``: identical bytes for the same arguments, in any process.
+
+    ``windows > 1``: a long clip of ``windows * num_frames`` frames in which the first object turns
+    at every window boundary (the next direction drawn among the 3 others); ``directions`` lists the
+    direction of every window and the caption reads "..., then up". Each window alone is an ordinary
+    clip (its unordered frames hide the direction), and the mean of per-window features holds only
+    the *set* of directions, not their order: the hierarchical temporal encoder's task."""
     if fps <= 0:
         raise ValueError(f"fps must be positive; got {fps}")
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1; got {windows}")
     check_geometry(num_frames, image_size, max_objects)
     rng = random.Random(clip_seed(seed, split, index))
     params = draw_params(rng, num_frames, image_size, max_objects)
@@ -79,9 +98,16 @@ def generate_clip(
     audio_caption = make_audio_caption(params, rng)
     qa = make_qa(params, rng, max_objects)
     first = params.objects[0]
+    directions = [first.direction]
+    turns = random.Random(clip_seed(seed, f"{split}/turns", index))  # leaves the one-window clip as it was
+    for _ in range(windows - 1):
+        directions.append(turns.choice([d for d in DIRECTIONS if d != directions[-1]]))
+    parts = [replace(params, objects=(with_direction(first, d), *params.objects[1:])) for d in directions]
+    if windows > 1:
+        caption = sequence_caption(caption, tuple(directions), rng)
     return SyntheticClip(
-        frames=render_clip(params),
-        waveform=synthesize_audio(params, fps, SAMPLE_RATE) if with_audio else None,
+        frames=torch.cat([render_clip(q) for q in parts]) if windows > 1 else render_clip(params),
+        waveform=(torch.cat([synthesize_audio(q, fps, SAMPLE_RATE) for q in parts]) if with_audio else None),
         sample_rate=SAMPLE_RATE,
         fps=float(fps),
         caption=caption,
@@ -95,6 +121,7 @@ def generate_clip(
         index=index,
         split=split,
         seed=seed,
+        directions=tuple(directions),
     )
 
 
@@ -121,6 +148,8 @@ class SyntheticVideoDataset(Dataset):
         with_speech: bool = True,
         transform: VideoTransform | None = None,
         cache: bool = False,
+        label: str = "direction",
+        windows: int = 1,
     ) -> None:
         if not split:
             raise ValueError("split must be a non-empty name such as 'train', 'val' or 'test'")
@@ -129,6 +158,12 @@ class SyntheticVideoDataset(Dataset):
         if fps <= 0:
             raise ValueError(f"fps must be positive; got {fps}")
         check_geometry(num_frames, image_size, max_objects)
+        if label not in (*LABEL_ATTRIBUTES, "sequence"):
+            raise ValueError(f"label must be one of {sorted((*LABEL_ATTRIBUTES, 'sequence'))}; got {label!r}")
+        if windows < 1:
+            raise ValueError(f"windows must be >= 1; got {windows}")
+        self.label = label
+        self.windows = windows
         self.split = split
         self.size = size
         self.num_frames = num_frames
@@ -161,6 +196,7 @@ class SyntheticVideoDataset(Dataset):
             self.fps,
             self.max_objects,
             with_audio=self.with_audio,
+            windows=self.windows,
         )
 
     def attributes(self, i: int) -> dict[str, Any]:
@@ -188,6 +224,12 @@ class SyntheticVideoDataset(Dataset):
             self._cache[i] = (frames, audio, clip)
         return frames, audio, clip
 
+    def _label_of(self, clip: SyntheticClip) -> int:
+        if self.label == "sequence":
+            return sequence_of(clip.directions)
+        first = clip.params.objects[0]
+        return LABEL_ATTRIBUTES[self.label].index(getattr(first, self.label))
+
     def __getitem__(self, i: int) -> VideoSample:
         frames, audio, clip = self._rendered(i)
         video = self.transform(frames)
@@ -197,7 +239,7 @@ class SyntheticVideoDataset(Dataset):
             caption=clip.caption,
             audio=audio,
             speech=clip.speech if self.with_speech else None,
-            label=clip.label,
+            label=clip.label if self.label == "direction" else self._label_of(clip),
             qa=list(clip.qa),
             meta={
                 "index": clip.index,

@@ -10,6 +10,7 @@ embeddings per class, as CLIP's prompt ensembles do.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 
@@ -70,6 +71,52 @@ def make_caption(p: ClipParams, rng: random.Random) -> str:
         _clause(rng.choice(CAPTION_TEMPLATES), f"{o.color} {o.shape}", o.direction, rng) for o in p.objects
     ]
     return " while ".join(clauses)
+
+
+def sequence_of(directions: tuple[str, ...] | list[str]) -> int:
+    """Class index of a direction sequence in which consecutive directions differ: the first
+    direction's index, then per later window the index among the 3 directions other than the one
+    before (``4 * 3 ** (W - 1)`` classes for ``W`` windows; :func:`sequence_names` is the inverse)."""
+    index = DIRECTIONS.index(directions[0])
+    for before, now in itertools.pairwise(directions):
+        if now == before:
+            raise ValueError(f"consecutive windows move the same way: {list(directions)}")
+        index = index * 3 + [d for d in DIRECTIONS if d != before].index(now)
+    return index
+
+
+def sequence_names(windows: int) -> list[str]:
+    """Every direction sequence of ``windows`` windows, in class order ("left then up", ...)."""
+    seqs: list[list[str]] = [[d] for d in DIRECTIONS]
+    for _ in range(windows - 1):
+        seqs = [[*s, d] for s in seqs for d in DIRECTIONS if d != s[-1]]
+    return [" then ".join(s) for s in seqs]
+
+
+def sequence_caption(caption: str, directions: tuple[str, ...], rng: random.Random) -> str:
+    """A first window's caption continued by the later windows' directions: "..., then up"."""
+    return caption + "".join(f", then {rng.choice(DIRECTION_ADVERBS[d])}" for d in directions[1:])
+
+
+def sequence_prompts(windows: int) -> dict[str, list[str]]:
+    """Prompts per direction sequence (class order of :func:`sequence_names`) for zero-shot
+    classification: every caption template over every colour x shape, continued by the later windows."""
+    prompts: dict[str, list[str]] = {}
+    for name in sequence_names(windows):
+        dirs = name.split(" then ")
+        rows = []
+        for c in COLORS:
+            for sh in SHAPES:
+                for i, t in enumerate(CAPTION_TEMPLATES):
+                    first = t.format(
+                        a=_article(f"{c} {sh}"),
+                        the=f"the {c} {sh}",
+                        adv=DIRECTION_ADVERBS[dirs[0]][i % 3],
+                        adj=DIRECTION_ADJECTIVES[dirs[0]],
+                    )
+                    rows.append(first + "".join(f", then {DIRECTION_ADVERBS[d][i % 3]}" for d in dirs[1:]))
+        prompts[name] = rows
+    return prompts
 
 
 def make_speech(p: ClipParams, rng: random.Random) -> str:
@@ -158,19 +205,39 @@ def direction_prompts(with_attributes: bool = True) -> dict[str, list[str]]:
     prompt ensembles do). Generic prompts ("an object moves to the left") come first; with
     ``with_attributes`` every caption template is also instantiated for every colour x shape, which
     keeps the prompts on the caption distribution and averages colour and shape out."""
+    return attribute_prompts("direction", with_attributes)
+
+
+LABEL_ATTRIBUTES: dict[str, tuple[str, ...]] = {"direction": DIRECTIONS, "shape": SHAPES, "color": COLORS}
+
+
+def attribute_prompts(attribute: str = "direction", with_attributes: bool = True) -> dict[str, list[str]]:
+    """Prompts per value of ``attribute`` (``direction``, ``shape`` or ``color`` of the first object),
+    in the order of :data:`LABEL_ATTRIBUTES`: generic phrases first ("a circle moves", "an object
+    moves to the left"), then, with ``with_attributes``, every caption template instantiated over the
+    other attributes' values, so the ensemble stays on the caption distribution and averages them out."""
+    if attribute not in LABEL_ATTRIBUTES:
+        raise ValueError(f"attribute must be one of {sorted(LABEL_ATTRIBUTES)}; got {attribute!r}")
     prompts: dict[str, list[str]] = {}
-    for d in DIRECTIONS:
-        rows = [
-            t.format(a="an object", the="the object", adv=adv, adj=DIRECTION_ADJECTIVES[d])
-            for t in CAPTION_TEMPLATES
-            for adv in DIRECTION_ADVERBS[d]
-        ]
+    for value in LABEL_ATTRIBUTES[attribute]:
+        colors = [value] if attribute == "color" else [None]
+        shapes = [value] if attribute == "shape" else [None]
+        directions = [value] if attribute == "direction" else list(DIRECTIONS)
+        rows = []
+        for t in CAPTION_TEMPLATES:  # generic: the attribute alone
+            for d in directions:
+                for adv in DIRECTION_ADVERBS[d] if attribute == "direction" else DIRECTION_ADVERBS[d][:1]:
+                    noun = shapes[0] or (f"{colors[0]} object" if colors[0] else "object")
+                    rows.append(
+                        t.format(a=_article(noun), the=f"the {noun}", adv=adv, adj=DIRECTION_ADJECTIVES[d])
+                    )
         rows = list(dict.fromkeys(rows))
         if with_attributes:
             i = 0
-            for c in COLORS:
-                for s in SHAPES:
+            for c in colors if colors[0] else COLORS:
+                for s in shapes if shapes[0] else SHAPES:
                     for t in CAPTION_TEMPLATES:
+                        d = directions[i % len(directions)]
                         adv = DIRECTION_ADVERBS[d][i % len(DIRECTION_ADVERBS[d])]
                         rows.append(
                             t.format(
@@ -181,7 +248,7 @@ def direction_prompts(with_attributes: bool = True) -> dict[str, list[str]]:
                             )
                         )
                         i += 1
-        prompts[d] = rows
+        prompts[value] = rows
     return prompts
 
 
@@ -189,11 +256,17 @@ __all__ = [
     "CAPTION_TEMPLATES",
     "DIRECTION_ADJECTIVES",
     "DIRECTION_ADVERBS",
+    "LABEL_ATTRIBUTES",
     "SPEECH_TEMPLATES",
+    "attribute_prompts",
     "attributes_from_text",
     "direction_prompts",
     "make_audio_caption",
     "make_caption",
     "make_qa",
     "make_speech",
+    "sequence_caption",
+    "sequence_names",
+    "sequence_of",
+    "sequence_prompts",
 ]
