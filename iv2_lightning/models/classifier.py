@@ -8,13 +8,19 @@ the protocol used to measure what pretraining put into the frozen features. With
 the order-free control: on the synthetic clips, where motion direction exists only in the order of
 the frames, it must stay near chance.
 
+``temporal`` (keyword arguments of :class:`~iv2_lightning.models.temporal.HierarchicalTemporalEncoder`,
+e.g. ``{window: 8, aggregate: transformer}``) classifies long clips: the trunk encodes each window,
+the HTE's temporal transformer (or, with ``aggregate: mean``, the order-free mean) combines the
+windows, and the head reads its clip embedding. The trunk stays ``video_encoder`` (same weights, same
+keys); the HTE's own layers live under ``temporal_encoder`` (a shared module: exported with the trunk).
+
 :class:`VideoClassifier` trains in a plain PyTorch loop; ``iv2_lightning.stages.action.ActionStage``
 is the Lightning shell around it (anomalib's ``torch_model.py`` / ``lightning_model.py`` split).
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +28,7 @@ from torch import nn
 
 from iv2_lightning.models.backbone import VideoEncoder
 from iv2_lightning.models.heads import ClassificationHead
+from iv2_lightning.models.temporal import HierarchicalTemporalEncoder
 
 
 class VideoClassifier(nn.Module):
@@ -36,6 +43,7 @@ class VideoClassifier(nn.Module):
         pool: Literal["attention", "mean"] = "attention",
         head_dropout: float = 0.0,
         label_smoothing: float = 0.1,
+        temporal: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not 0.0 <= label_smoothing <= 1.0:
@@ -43,11 +51,27 @@ class VideoClassifier(nn.Module):
         self.num_classes = num_classes
         self.label_smoothing = label_smoothing
         self.video_encoder = video_encoder
-        self.head = ClassificationHead(
-            video_encoder.embed_dim, num_classes, num_heads=head_heads, pool=pool, dropout=head_dropout
-        )
+        self.temporal_encoder: HierarchicalTemporalEncoder | None = None
+        if temporal is not None:
+            self.temporal_encoder = HierarchicalTemporalEncoder(
+                video_encoder, **{**temporal, "own_encoder": False}
+            )
+            # one clip token: the head's pool is then the identity, its norm + linear the classifier
+            self.head = ClassificationHead(
+                self.temporal_encoder.out_dim,
+                num_classes,
+                num_heads=head_heads,
+                pool="mean",
+                dropout=head_dropout,
+            )
+        else:
+            self.head = ClassificationHead(
+                video_encoder.embed_dim, num_classes, num_heads=head_heads, pool=pool, dropout=head_dropout
+            )
 
     def forward(self, video: torch.Tensor) -> torch.Tensor:
+        if self.temporal_encoder is not None:
+            return self.head(self.temporal_encoder(video).embedding[:, None])
         return self.head(self.video_encoder(video).tokens)
 
     def loss(

@@ -13,12 +13,17 @@ them and aggregating at a higher level so length does not cost quadratic attenti
 
 Activations of steps 2-3 scale with the number of windows (linear in ``T_long``); step 4 is
 quadratic only in ``num_windows * k``, a few hundred tokens for minutes of video.
+
+``aggregate="mean"`` replaces step 4 by the mean of the window tokens (the baseline: order-free
+across windows, whatever each window holds). ``own_encoder=False`` keeps the encoder out of this
+module's parameters and state dict, for an owner that already holds it under its own name (the
+classifier's ``video_encoder``), so checkpoints keep one copy of the trunk under the usual keys.
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -56,9 +61,17 @@ class HierarchicalTemporalEncoder(nn.Module):
         window_batch: int = 0,
         checkpoint_windows: bool = False,
         backend: Backend = "auto",
+        aggregate: Literal["transformer", "mean"] = "transformer",
+        own_encoder: bool = True,
     ) -> None:
         super().__init__()
-        self.encoder = encoder
+        if aggregate not in ("transformer", "mean"):
+            raise ValueError(f"aggregate must be 'transformer' or 'mean'; got {aggregate!r}")
+        self.aggregate = aggregate
+        if own_encoder:
+            self.encoder = encoder
+        else:  # a plain attribute: not a submodule, so neither a parameter nor a state-dict key here
+            object.__setattr__(self, "encoder", encoder)
         self.window = window or encoder.num_frames
         if self.window % encoder.tubelet_size != 0:
             raise ValueError(
@@ -85,7 +98,7 @@ class HierarchicalTemporalEncoder(nn.Module):
                 layerscale_init=None,
                 backend=backend,
             )
-            for _ in range(depth)
+            for _ in range(depth if aggregate == "transformer" else 0)
         )
         self.norm = nn.LayerNorm(self.dim, eps=1e-6)
         self.head = nn.Linear(self.dim, self.out_dim)
@@ -145,6 +158,16 @@ class HierarchicalTemporalEncoder(nn.Module):
         n_win = window_mask.shape[1]
         slots, pooled = self.encode_windows(windows)  # [B*W, k, D], [B*W, E]
         k, d = self.tokens_per_window, self.dim
+        if self.aggregate == "mean":  # the mean over real windows: no order across windows
+            x = slots.reshape(b, n_win, k, d) + self.slot_embed[None, None]
+            w = window_mask[:, :, None, None].to(x.dtype)
+            x = self.norm((x * w).sum(1) / w.sum(1))  # [B, k, D]
+            return HTEOutput(
+                embedding=self.head(x.mean(1)),
+                window_tokens=x[:, None].expand(b, n_win, k, d),
+                window_embeddings=pooled.reshape(b, n_win, -1),
+                window_mask=window_mask,
+            )
         when = sincos_1d(d, torch.arange(n_win)).to(slots)  # the window's place in time
         x = slots.reshape(b, n_win, k, d) + when[None, :, None, :] + self.slot_embed[None, None]
         x = torch.cat([self.cls_token.expand(b, -1, -1).to(x.dtype), x.reshape(b, n_win * k, d)], dim=1)

@@ -2,7 +2,9 @@
 :class:`~iv2_lightning.models.classifier.VideoClassifier` (attention pool, ``fc_norm``, Linear).
 
 ``freeze_backbone=True`` freezes ``video_encoder``: an attentive probe, where only the head trains.
-``encoder: {frame_wise: true}`` gives the order-free control (see the model's docstring). The shell
+``encoder: {frame_wise: true}`` gives the order-free control (see the model's docstring);
+``temporal: {aggregate: transformer | mean, ...}`` classifies long clips window by window through the
+hierarchical temporal encoder (or the order-free mean of the windows, its baseline). The shell
 adds the labelled-clip handling (clips with label -1 are left out), top-1 / top-5 accuracy as
 torchmetrics, and ``predict_step``'s class probabilities.
 """
@@ -32,6 +34,7 @@ class ActionStage(BaseStage):
         pool: Literal["attention", "mean"] = "attention",
         freeze_backbone: bool = False,
         label_names: list[str] | None = None,
+        temporal: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if label_names is not None and len(label_names) != num_classes:
@@ -51,6 +54,7 @@ class ActionStage(BaseStage):
             pool=hp.pool,
             head_dropout=hp.head_dropout,
             label_smoothing=hp.label_smoothing,
+            temporal=hp.temporal,
         )
 
     def configure_metrics(self) -> None:

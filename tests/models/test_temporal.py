@@ -81,3 +81,25 @@ def test_bad_inputs():
         hte(torch.randn(1, 3, 8, 16, 16), torch.ones(1, 7, dtype=torch.bool))
     with pytest.raises(ValueError, match="window 3 is not divisible by the encoder's tubelet 2"):
         HierarchicalTemporalEncoder(build_video_encoder("tiny", tubelet_size=2), window=3)
+
+
+def test_mean_aggregate_cannot_see_the_order_of_windows():
+    hte = make(aggregate="mean")
+    assert len(hte.blocks) == 0
+    v = torch.randn(2, 3, 8, 16, 16)
+    swapped = torch.cat([v[:, :, 4:], v[:, :, :4]], dim=2)
+    torch.testing.assert_close(hte(v).embedding, hte(swapped).embedding, atol=1e-5, rtol=1e-5)
+
+
+def test_an_hte_that_does_not_own_its_encoder_leaves_it_out_of_its_state():
+    owned = make()
+    borrowed = HierarchicalTemporalEncoder(
+        owned.encoder, window=4, tokens_per_window=2, depth=1, own_encoder=False
+    ).eval()
+    borrowed.load_state_dict({k: v for k, v in owned.state_dict().items() if not k.startswith("encoder.")})
+    assert not any(k.startswith("encoder.") for k in borrowed.state_dict())
+    assert not any(n.startswith("encoder.") for n, _ in borrowed.named_parameters())
+    v = torch.randn(1, 3, 8, 16, 16)
+    torch.testing.assert_close(borrowed(v).embedding, owned(v).embedding)
+    with pytest.raises(ValueError, match="aggregate must be 'transformer' or 'mean'; got 'max'"):
+        make(aggregate="max")
