@@ -297,24 +297,26 @@ def machine_figure(threads: int | None = None, n: int = 1024, reps: int = 5) -> 
 
 
 def print_claims(rows: list[dict[str, Any]]) -> None:
+    """One row per claim (the metric keys and the context follow as numbered notes, so the table
+    stays readable in an 80-column log)."""
     if not rows:
         return
     table = Table(title="claims: the curriculum beside its twin (same data, budget, seed)")
-    for col in ("claim", "ours", "twin", "gain", "margin", "holds", "context"):
+    for col in ("#", "claim", "ours", "twin", "gain", "margin", "holds"):
         table.add_column(col, justify="right" if col in ("ours", "twin", "gain", "margin") else "left")
-    for r in rows:
-        fmt = lambda v: "-" if v is None else f"{v:.4g}"  # noqa: E731
+
+    def fmt(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4g}"
+
+    for i, r in enumerate(rows, 1):
         holds = "" if r["holds"] is None else ("[green]yes[/green]" if r["holds"] else "[red]no[/red]")
         table.add_row(
-            r["name"],
-            f"{fmt(r['ours'])} ({r['ours_key']})",
-            f"{fmt(r['baseline'])} ({r['baseline_key']})",
-            fmt(r["gain"]),
-            f">= {r['margin']}",
-            holds,
-            escape(r["context"]),
+            str(i), r["name"], fmt(r["ours"]), fmt(r["baseline"]), fmt(r["gain"]), f">= {r['margin']}", holds
         )
     console.print(table)
+    for i, r in enumerate(rows, 1):
+        note = f" — {r['context']}" if r["context"] else ""
+        console.print(f"  {i}. {r['ours_key']} vs {r['baseline_key']}{escape(note)}", highlight=False)
 
 
 def print_summary(cfg: dict[str, Any], summary: dict[str, Any]) -> None:
