@@ -57,6 +57,9 @@ from iv2_lightning.data.synthetic.text import (
     attribute_prompts,
     attributes_from_text,
     direction_prompts,
+    sequence_names,
+    sequence_of,
+    sequence_prompts,
 )
 
 __all__ = [
@@ -85,6 +88,9 @@ __all__ = [
     "render_clip",
     "sample_id_of",
     "sample_params",
+    "sequence_names",
+    "sequence_of",
+    "sequence_prompts",
     "synth_main",
     "synthesize_audio",
     "with_direction",
