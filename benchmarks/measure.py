@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from iv2_lightning.machine import matmul_rates
+
 
 def cpu_name() -> str:
     with contextlib.suppress(OSError):
@@ -48,15 +50,9 @@ def versions() -> dict:
 
 
 def matmul_rate(n: int, dtype: torch.dtype, threads: int, reps: int) -> list[float]:
+    """``reps`` GFLOP/s figures of an ``n``³ matmul on ``threads`` (which stay set afterwards)."""
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    torch.mm(a, b)
-    out = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        out.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
-    return out
+    return matmul_rates(n, reps, dtype)
 
 
 def pick_threads(arg: str) -> tuple[int, dict]:

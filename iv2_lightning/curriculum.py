@@ -274,23 +274,19 @@ def check_claims(cfg: dict[str, Any], summary: dict[str, Any]) -> list[dict[str,
 
 
 def machine_figure(threads: int | None = None, n: int = 1024, reps: int = 5) -> dict[str, Any]:
-    """The machine's fp32 ``n``³ matmul rate (median of ``reps``, GFLOP/s) on the threads torch uses:
-    printed beside every total, since machines that run the same job differ 2x."""
+    """The machine's fp32 ``n``³ matmul rate (median of ``reps``, GFLOP/s) on ``threads`` (default:
+    the threads torch uses): printed beside every total, since machines that run the same job differ 2x."""
     import statistics
 
     import torch
+
+    from iv2_lightning.machine import matmul_rates
 
     before = torch.get_num_threads()
     threads = threads or before
     torch.set_num_threads(threads)
     try:
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)
-        rates = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            torch.mm(a, b)
-            rates.append(2 * n**3 / (time.perf_counter() - t0) / 1e9)
+        rates = matmul_rates(n, reps)
     finally:
         torch.set_num_threads(before)
     return {"matmul_fp32_gflops": round(statistics.median(rates), 1), "threads": threads}

@@ -28,7 +28,8 @@ from torch.utils.data import DataLoader, Dataset
 from iv2_lightning.data.batch import MODALITIES, SkippedSample, VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.datasets import OnError, SkipLog, VideoTextDataset, collect_skipped
 from iv2_lightning.data.synthetic import SyntheticVideoDataset
-from iv2_lightning.data.synthetic.text import LABEL_ATTRIBUTES, attribute_prompts, sequence_prompts
+from iv2_lightning.data.synthetic.dataset import check_label
+from iv2_lightning.data.synthetic.text import attribute_prompts, sequence_prompts
 from iv2_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, VideoTransform
 from iv2_lightning.data.video_io import VideoDecodeError, read_clip
 from iv2_lightning.features.tokenizers import build_tokenizer
@@ -225,10 +226,7 @@ class SyntheticVideoDataModule(VideoDataModuleBase):
         self.seed = seed
         self.max_objects = max_objects
         self.fps = fps
-        if label not in (*LABEL_ATTRIBUTES, "sequence"):
-            raise ValueError(f"label must be one of {sorted((*LABEL_ATTRIBUTES, 'sequence'))}; got {label!r}")
-        if windows < 1:
-            raise ValueError(f"windows must be >= 1; got {windows}")
+        check_label(label, windows)  # at construction, naming the field, not at setup
         self.label = label
         self.windows = windows
 

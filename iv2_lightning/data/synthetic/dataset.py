@@ -67,6 +67,14 @@ class SyntheticClip:
     directions: tuple[str, ...] = ()
 
 
+def check_label(label: str, windows: int) -> None:
+    """ValueError naming the field when ``label`` or ``windows`` is not one the clips can give."""
+    if label not in (*LABEL_ATTRIBUTES, "sequence"):
+        raise ValueError(f"label must be one of {sorted((*LABEL_ATTRIBUTES, 'sequence'))}; got {label!r}")
+    if windows < 1:
+        raise ValueError(f"windows must be >= 1; got {windows}")
+
+
 def generate_clip(
     index: int,
     split: str = "train",
@@ -158,10 +166,7 @@ class SyntheticVideoDataset(Dataset):
         if fps <= 0:
             raise ValueError(f"fps must be positive; got {fps}")
         check_geometry(num_frames, image_size, max_objects)
-        if label not in (*LABEL_ATTRIBUTES, "sequence"):
-            raise ValueError(f"label must be one of {sorted((*LABEL_ATTRIBUTES, 'sequence'))}; got {label!r}")
-        if windows < 1:
-            raise ValueError(f"windows must be >= 1; got {windows}")
+        check_label(label, windows)
         self.label = label
         self.windows = windows
         self.split = split
@@ -252,4 +257,4 @@ class SyntheticVideoDataset(Dataset):
         )
 
 
-__all__ = ["SyntheticClip", "SyntheticVideoDataset", "generate_clip"]
+__all__ = ["SyntheticClip", "SyntheticVideoDataset", "check_label", "generate_clip"]
