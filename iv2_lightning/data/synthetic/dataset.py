@@ -110,12 +110,17 @@ def generate_clip(
     turns = random.Random(clip_seed(seed, f"{split}/turns", index))  # leaves the one-window clip as it was
     for _ in range(windows - 1):
         directions.append(turns.choice([d for d in DIRECTIONS if d != directions[-1]]))
-    parts = [replace(params, objects=(with_direction(first, d), *params.objects[1:])) for d in directions]
+    parts = [params]  # one ClipParams per window
     if windows > 1:
+        parts = [replace(params, objects=(with_direction(first, d), *params.objects[1:])) for d in directions]
         caption = sequence_caption(caption, tuple(directions), rng)
+
+    def joined(pieces: list[torch.Tensor]) -> torch.Tensor:
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
     return SyntheticClip(
-        frames=torch.cat([render_clip(q) for q in parts]) if windows > 1 else render_clip(params),
-        waveform=(torch.cat([synthesize_audio(q, fps, SAMPLE_RATE) for q in parts]) if with_audio else None),
+        frames=joined([render_clip(q) for q in parts]),
+        waveform=joined([synthesize_audio(q, fps, SAMPLE_RATE) for q in parts]) if with_audio else None,
         sample_rate=SAMPLE_RATE,
         fps=float(fps),
         caption=caption,
@@ -244,7 +249,7 @@ class SyntheticVideoDataset(Dataset):
             caption=clip.caption,
             audio=audio,
             speech=clip.speech if self.with_speech else None,
-            label=clip.label if self.label == "direction" else self._label_of(clip),
+            label=self._label_of(clip),
             qa=list(clip.qa),
             meta={
                 "index": clip.index,
