@@ -15,10 +15,12 @@ What this model follows from the official stage-2 recipe (OpenGVLab/InternVideo,
   hard negative video, drawn with ``torch.multinomial`` from ``softmax(sim / temp)`` of the (detached)
   similarity row with the row's positives excluded; the matching head (``itm_head``) reads the
   cross-modal fusion of (video [+ audio], text) and is trained with 2-way cross-entropy, positives
-  label 1, negatives 0. The official model fuses inside BERT's upper layers; here the fusion is the
-  gated :class:`~iv2_lightning.models.fusion.CrossModalFusion` (the paper's CMFM), and the matching
-  head reads its pooled output (the mean over every fused token, so every fusion parameter takes part
-  in the loss and DDP needs no ``find_unused_parameters``).
+  label 1, negatives 0. Two fusions: ``fusion="bert"``, the official one, runs the caption through the
+  upper (fusion) layers of a :class:`~iv2_lightning.models.bert.BertTextEncoder`, cross-attending to
+  the video (+ audio) tokens, and the head reads the fused ``[CLS]``; ``"cmfm"`` (default) is the
+  gated :class:`~iv2_lightning.models.fusion.CrossModalFusion` (the paper's CMFM), where every modality
+  attends to every other and the head reads the mean over every fused token (so every fusion parameter
+  takes part in the loss and DDP needs no ``find_unused_parameters``).
 * **MLM** (optional, ``mlm > 0``): caption tokens are corrupted with the official probability 0.5
   (BERT's 80 % ``[MASK]`` / 10 % random / 10 % kept), encoded, fused with the video (and audio)
   tokens, and a small head predicts the original tokens.
@@ -57,12 +59,14 @@ from iv2_lightning.models.temporal import HierarchicalTemporalEncoder
 __all__ = [
     "AUDIO_TERMS",
     "DEFAULT_WEIGHTS",
+    "FUSION_KINDS",
     "MLM_PROBABILITY",
     "TERM_FIELDS",
     "AlignerFeatures",
     "AlignerOutput",
     "Side",
     "VideoTextAligner",
+    "fusion_kind",
     "resolve_loss_weights",
 ]
 
@@ -79,6 +83,7 @@ TERM_FIELDS: dict[str, tuple[str, ...]] = {
 #: the weight of a term switched on without a weight of its own (MLM is off unless asked for)
 DEFAULT_WEIGHTS = {"vtc": 1.0, "atc": 0.5, "vac": 0.5, "vsc": 0.5, "avtc": 0.5, "vtm": 0.5, "mlm": 0.0}
 AUDIO_TERMS = ("atc", "vac", "avtc")
+FUSION_KINDS = ("cmfm", "bert")
 MLM_PROBABILITY = 0.5  # the official stage-2 masking probability (BERT's is 0.15)
 
 
@@ -99,6 +104,21 @@ def resolve_loss_weights(
             w = default if fields is None or set(TERM_FIELDS[term]) <= fields else 0.0
         out[term] = float(w)
     return out
+
+
+def fusion_kind(fusion: Mapping[str, Any] | str | None) -> tuple[str, dict[str, Any]]:
+    """``(kind, CrossModalFusion arguments)`` from the ``fusion`` argument: ``"cmfm"`` (or a dict of
+    :class:`~iv2_lightning.models.fusion.CrossModalFusion` arguments, or None) = the gated fusion module;
+    ``"bert"`` = the fusion layers of a :class:`~iv2_lightning.models.bert.BertTextEncoder` (official)."""
+    if fusion is None:
+        return "cmfm", {}
+    if isinstance(fusion, str):
+        if fusion not in FUSION_KINDS:
+            raise ValueError(
+                f"fusion must be one of {list(FUSION_KINDS)} or a dict of CrossModalFusion arguments; got {fusion!r}"
+            )
+        return fusion, {}
+    return "cmfm", dict(fusion)
 
 
 class Side(NamedTuple):
@@ -159,8 +179,11 @@ class VideoTextAligner(nn.Module):
     (``TextEncoder`` or ``HFTextEncoder``: ``(ids, mask, token_type)`` → ``TextOutput``),
     ``tokenizer`` (for :meth:`encode_text` on strings and for MLM's mask token); ``audio_encoder``
     is needed, and kept, only when a term that needs audio (``atc``, ``vac``, ``avtc``) has a
-    positive weight. ``fusion``: :class:`~iv2_lightning.models.fusion.CrossModalFusion` arguments
-    except ``input_dims``; the fusion exists only when ``vtm`` or ``mlm`` is on.
+    positive weight. ``fusion``: ``"cmfm"`` or :class:`~iv2_lightning.models.fusion.CrossModalFusion`
+    arguments except ``input_dims`` (the gated fusion module), or ``"bert"``: the official way, the
+    fusion layers of a :class:`~iv2_lightning.models.bert.BertTextEncoder` text encoder (only the text
+    tokens are updated; matching reads the fused ``[CLS]``, MLM uses BERT's own head); the fusion is used
+    only when ``vtm`` or ``mlm`` is on.
     ``vtc, atc, vac, vsc, avtc, vtm, mlm``: loss weights (0 switches a term and its modules off).
     ``text_pooling``: the sentence feature fed to ``text_proj``: ``"cls"`` = the encoder's own
     (``TextOutput.cls``), ``"mean"`` = the masked mean of the token states.
@@ -190,7 +213,7 @@ class VideoTextAligner(nn.Module):
         text_encoder: nn.Module,
         tokenizer: Any,
         audio_encoder: nn.Module | None = None,
-        fusion: dict[str, Any] | None = None,
+        fusion: dict[str, Any] | str | None = None,
         embed_dim: int = 128,
         temperature: float = 0.07,
         vtc: float = 1.0,
@@ -206,7 +229,9 @@ class VideoTextAligner(nn.Module):
     ) -> None:
         super().__init__()
         weights = {"vtc": vtc, "atc": atc, "vac": vac, "vsc": vsc, "avtc": avtc, "vtm": vtm, "mlm": mlm}
-        self._check(weights, embed_dim, text_pooling, video_mask_ratio, audio_encoder, tokenizer)
+        self._check(
+            weights, embed_dim, text_pooling, video_mask_ratio, audio_encoder, tokenizer, text_encoder
+        )
         self.loss_weights = {k: float(w) for k, w in weights.items()}
         use_audio = any(weights[k] > 0 for k in AUDIO_TERMS)
         self.tokenizer = tokenizer
@@ -226,14 +251,28 @@ class VideoTextAligner(nn.Module):
         self.fusion: CrossModalFusion | None = None
         self.itm_head: MatchingHead | None = None
         self.mlm_head: nn.Module | None = None
-        if vtm > 0 or mlm > 0:
+        self.audio_memory: nn.Linear | None = None
+        self.fusion_kind, fusion_args = fusion_kind(fusion)
+        if self.fusion_kind == "bert":
+            # BERT's own upper layers fuse (official): the text tokens cross-attend to video (+ audio)
+            self._check_bert_fusion(text_encoder, video_encoder, mlm)
+            if vtm > 0:
+                self.itm_head = MatchingHead(text_encoder.dim)  # on the fused [CLS], as the official itm_head
+            # the official 6B concatenates audio and video tokens as one memory of the vision width;
+            # ours maps the audio tokens to that width when they differ (a Linear of our own)
+            widths_differ = (
+                self.audio_encoder is not None and self.audio_encoder.dim != text_encoder.encoder_width
+            )
+            if widths_differ and (vtm > 0 or mlm > 0):
+                self.audio_memory = nn.Linear(self.audio_encoder.dim, text_encoder.encoder_width)
+        elif vtm > 0 or mlm > 0:
             dims = {"video": video_encoder.embed_dim, "text": text_encoder.dim}
             if self.audio_encoder is not None:
                 dims["audio"] = self.audio_encoder.dim
-            self.fusion = CrossModalFusion(dims, **(fusion or {}))
-        if vtm > 0:
+            self.fusion = CrossModalFusion(dims, **fusion_args)
+        if vtm > 0 and self.fusion is not None:
             self.itm_head = MatchingHead(self.fusion.dim)
-        if mlm > 0:
+        if mlm > 0 and self.fusion is not None:
             d = self.fusion.dim
             # BERT's prediction head: transform (Linear, GELU, LayerNorm), then the vocabulary
             self.mlm_head = nn.Sequential(
@@ -243,7 +282,26 @@ class VideoTextAligner(nn.Module):
         self._splitters: dict[int, HierarchicalTemporalEncoder] = {}
 
     @staticmethod
-    def _check(weights, embed_dim, text_pooling, video_mask_ratio, audio_encoder, tokenizer) -> None:
+    def _check_bert_fusion(text_encoder: nn.Module, video_encoder: nn.Module, mlm: float) -> None:
+        if not callable(getattr(text_encoder, "fuse", None)) or not getattr(
+            text_encoder, "has_fusion", False
+        ):
+            raise ValueError(
+                "fusion='bert' fuses inside the text encoder: it needs a BertTextEncoder with fusion layers "
+                f"(fusion_layer < depth); got {type(text_encoder).__name__}"
+            )
+        if text_encoder.encoder_width != video_encoder.embed_dim:
+            raise ValueError(
+                f"fusion='bert': the fusion layers take {text_encoder.encoder_width}-wide memory tokens "
+                f"(encoder_width) but the video tokens are {video_encoder.embed_dim} wide"
+            )
+        if mlm > 0 and getattr(text_encoder, "cls", None) is None:
+            raise ValueError("fusion='bert' with mlm > 0 needs the BERT's MLM head (mlm_head=True)")
+
+    @staticmethod
+    def _check(
+        weights, embed_dim, text_pooling, video_mask_ratio, audio_encoder, tokenizer, text_encoder
+    ) -> None:
         bad = {k: w for k, w in weights.items() if not w >= 0}
         if bad:
             raise ValueError(f"loss weights must be >= 0; got {bad}")
@@ -257,6 +315,14 @@ class VideoTextAligner(nn.Module):
             )
         if not 0.0 <= video_mask_ratio < 1.0:
             raise ValueError(f"video_mask_ratio must be in [0, 1); got {video_mask_ratio}")
+        vocab = getattr(text_encoder, "vocab_size", None)
+        if vocab is not None and tokenizer is not None and tokenizer.vocab_size > vocab:
+            name = getattr(tokenizer, "path", type(tokenizer).__name__)
+            raise ValueError(
+                f"the tokenizer ({name}) has {tokenizer.vocab_size} tokens but the text encoder embeds only "
+                f"{vocab}: give the tokenizer the text encoder was trained with (for `iv2 test`/`fit`, "
+                "data.init_args.tokenizer: the folder, which the model's tokenizer follows)"
+            )
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be >= 1; got {embed_dim}")
         if text_pooling not in ("cls", "mean"):
@@ -461,6 +527,14 @@ class VideoTextAligner(nn.Module):
         text_tokens: torch.Tensor | None = None,
     ) -> FusionOutput:
         """Fuse the clips ``clip_index`` (video, and audio when encoded) with captions ``text_index``."""
+        if self.fusion_kind == "bert":
+            tokens, masks = {"video": f.video.tokens[clip_index]}, {"video": f.video.mask[clip_index]}
+            if f.audio is not None:
+                tokens["audio"] = f.audio.tokens[clip_index]
+                masks["audio"] = f.audio.mask[clip_index].bool() & f.audio.present[clip_index, None]
+            tokens["text"] = f.caption.tokens[text_index] if text_tokens is None else text_tokens
+            masks["text"] = f.caption.mask[text_index]
+            return self._bert_fuse(tokens, masks)
         tokens = {"video": f.video.tokens[clip_index]}
         masks = {"video": f.video.mask[clip_index]}
         present = {"video": f.video.present[clip_index]}
@@ -472,6 +546,30 @@ class VideoTextAligner(nn.Module):
             masks["audio"] = f.audio.mask[clip_index]
             present["audio"] = f.audio.present[clip_index]
         return self.fusion(tokens, masks, present)
+
+    def _bert_fuse(
+        self, tokens: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+    ) -> FusionOutput:
+        """The text tokens through BERT's fusion layers, cross-attending to the video tokens and, when
+        given, the audio tokens (one memory, as the official audio-visual model); ``pooled`` is the
+        fused first token, which the matching head reads (the official ``itm_head`` on ``[CLS]``)."""
+        memory, memory_mask = [tokens["video"]], [masks["video"].bool()]
+        if "audio" in tokens:
+            audio = tokens["audio"]
+            memory.append(self.audio_memory(audio) if self.audio_memory is not None else audio)
+            memory_mask.append(masks["audio"].bool())
+        text_mask = masks["text"].bool()
+        fused = self.text_encoder.fuse(
+            tokens["text"], text_mask, torch.cat(memory, dim=1), torch.cat(memory_mask, dim=1)
+        )
+        return FusionOutput(
+            tokens={"text": fused},
+            masks={"text": text_mask},
+            fused=fused,
+            fused_mask=text_mask,
+            pooled=fused[:, 0],
+            gates={},
+        )
 
     @staticmethod
     def _gate_means(fused: FusionOutput, rows: int) -> dict[str, torch.Tensor]:
@@ -542,7 +640,11 @@ class VideoTextAligner(nn.Module):
         corrupted = torch.where(chosen & (u >= 0.8) & (u < 0.9), random_ids, corrupted)
         out = self.text_encoder(corrupted, mask, 0)
         fused = self._fuse(f, rows, rows, text_tokens=out.tokens)
-        logits = self.mlm_head(fused.tokens["text"][chosen])
+        states = fused.tokens["text"][chosen]
+        if self.fusion_kind == "bert":
+            logits = self.text_encoder.mlm_logits(states)  # BERT's own head, decoder tied to its embeddings
+        else:
+            logits = self.mlm_head(states)
         return F.cross_entropy(logits.float(), ids[chosen])
 
     def losses(
@@ -606,7 +708,10 @@ class VideoTextAligner(nn.Module):
 
         tokens, masks = {"video": f.video.tokens.detach()}, {"video": f.video.mask}
         tokens["text"], masks["text"] = side(f.caption, self.text_encoder.dim)
-        if self.audio_encoder is not None and self.fusion is not None and "audio" in self.fusion.input_dims:
+        fuses_audio = self.fusion_kind == "bert" or (
+            self.fusion is not None and "audio" in self.fusion.input_dims
+        )
+        if self.audio_encoder is not None and fuses_audio:
             tokens["audio"], masks["audio"] = side(f.audio, self.audio_encoder.dim)
         return tokens, masks
 
@@ -614,7 +719,10 @@ class VideoTextAligner(nn.Module):
         self, tokens: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
     ) -> torch.Tensor:
         """``[n]`` "match" logits of the matching head for fused pairs (``tokens[m] [n, L_m, D_m]``)."""
-        if self.fusion is None or self.itm_head is None:
+        if self.itm_head is None:
             raise RuntimeError("match_scores needs the matching head (vtm > 0)")
-        fused = self.fusion(dict(tokens), dict(masks))
+        if self.fusion_kind == "bert":
+            fused = self._bert_fuse(tokens, masks)
+        else:
+            fused = self.fusion(dict(tokens), dict(masks))
         return self.itm_head(fused.pooled)[:, 1].float()

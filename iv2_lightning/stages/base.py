@@ -38,6 +38,7 @@ import json
 import logging
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import asdict, fields
 from typing import Any
 
 import lightning as L
@@ -47,6 +48,7 @@ from torch import nn
 from iv2_lightning.data.batch import VideoBatch
 from iv2_lightning.models.audio import AudioEncoder
 from iv2_lightning.models.backbone import VideoEncoder, preset_config
+from iv2_lightning.models.bert import BERT_PRESETS, BertConfig, BertTextEncoder
 from iv2_lightning.models.compile import compile_blocks
 from iv2_lightning.models.text import HFTextEncoder, TextEncoder, build_tokenizer
 from iv2_lightning.models.weights import (
@@ -202,9 +204,43 @@ class BaseStage(L.LightningModule, abc.ABC):
     def build_video_encoder(self) -> VideoEncoder:
         return VideoEncoder(**self.encoder_config)
 
-    def build_text_encoder(self, config: dict[str, Any] | None = None, model: str = "scratch") -> nn.Module:
+    def build_text_encoder(
+        self,
+        config: dict[str, Any] | None = None,
+        model: str = "scratch",
+        fusion_width: int | None = None,
+        mlm_head: bool = False,
+    ) -> nn.Module:
         """``model="scratch"``: a :class:`TextEncoder` over this stage's tokenizer vocabulary with
-        ``config`` overrides; otherwise a local Hugging Face encoder folder (:class:`HFTextEncoder`)."""
+        ``config`` overrides; ``"bert"``: a :class:`BertTextEncoder` built randomly (``config``: ``preset``
+        (a :data:`BERT_PRESETS` name, default ``bert-base``), ``fusion_layer`` and BERT config fields);
+        otherwise a local Hugging Face folder: a :class:`BertTextEncoder` when ``fusion_width`` is given
+        (BERT fusion layers taking tokens that wide; ``config`` may set ``fusion_layer``), else any encoder
+        (:class:`HFTextEncoder`)."""
+        if model == "bert" or (model != "scratch" and fusion_width is not None):
+            cfg = dict(config or {})
+            fusion_layer = cfg.pop("fusion_layer", None) if fusion_width is not None else None
+            known = {f.name for f in fields(BertConfig)} | ({"preset"} if model == "bert" else set())
+            unknown = sorted(set(cfg) - known)
+            if unknown:
+                raise ValueError(
+                    f"text: unknown BERT setting(s) {unknown}; expected fusion_layer"
+                    f"{', preset' if model == 'bert' else ''} or BertConfig fields {sorted(known - {'preset'})}"
+                )
+            if model != "bert":
+                bert, _ = BertTextEncoder.from_pretrained(
+                    model, fusion_layer=fusion_layer, encoder_width=fusion_width, mlm_head=mlm_head, **cfg
+                )
+                return bert
+            preset = cfg.pop("preset", "bert-base")
+            if preset not in BERT_PRESETS:
+                raise ValueError(
+                    f"text.preset: unknown BERT preset {preset!r}; expected one of {sorted(BERT_PRESETS)}"
+                )
+            cfg.setdefault("vocab_size", self.tokenizer.vocab_size)
+            cfg.setdefault("pad_token_id", self.tokenizer.pad_id)
+            bert_config = BertConfig.from_dict({**asdict(BERT_PRESETS[preset]), **cfg}, source="text")
+            return BertTextEncoder(bert_config, fusion_layer, fusion_width, mlm_head)
         if model != "scratch":
             return HFTextEncoder(model, **(config or {}))
         cfg = {"vocab_size": self.tokenizer.vocab_size, "pad_id": self.tokenizer.pad_id, **(config or {})}

@@ -22,7 +22,13 @@ import torch.nn.functional as F
 from iv2_lightning.callbacks.pictures import ContrastivePictures
 from iv2_lightning.data.batch import VideoBatch
 from iv2_lightning.metrics import RetrievalMetric, ZeroShotAccuracy, class_prompts_from
-from iv2_lightning.models.aligner import AUDIO_TERMS, TERM_FIELDS, VideoTextAligner, resolve_loss_weights
+from iv2_lightning.models.aligner import (
+    AUDIO_TERMS,
+    TERM_FIELDS,
+    VideoTextAligner,
+    fusion_kind,
+    resolve_loss_weights,
+)
 from iv2_lightning.stages.base import BaseStage
 
 #: evaluation settings of ContrastiveStage, kept out of its saved hyperparameters (class docstring)
@@ -45,7 +51,12 @@ class ContrastiveStage(BaseStage):
     pretrained BERT) or ``"mean"`` (masked mean of the token states); ``"auto"`` picks ``"mean"`` for a
     text encoder trained from scratch (its first token starts out identical for every caption: on the
     synthetic data VTC stayed at chance for 120 steps with ``"cls"``) and ``"cls"`` for a pretrained one.
-    ``audio``, ``fusion``: ``AudioEncoder`` and ``CrossModalFusion`` arguments (see the aligner).
+    ``text_model: bert`` builds a :class:`~iv2_lightning.models.bert.BertTextEncoder` from scratch
+    (``text``: ``preset`` bert-tiny/base/large, ``fusion_layer``, BERT config fields).
+    ``audio``: ``AudioEncoder`` arguments. ``fusion``: ``cmfm`` (default; or a dict of
+    ``CrossModalFusion`` arguments) or ``bert``: the official fusion in BERT's upper layers from
+    ``text.fusion_layer`` on (``text_model`` must then be ``bert`` or a local BERT folder, e.g.
+    ``bert-large-uncased`` with ``text: {fusion_layer: 19}``); see the aligner.
     ``vtc, atc, vac, vsc, avtc, vtm, mlm``: loss weights (0 switches a term and its modules off).
     None (the default, except ``mlm``): on at its default weight (vtc 1, the others 0.5) when the
     data provides the term's fields (``data_fields``; ``TERM_FIELDS``), off otherwise, on when
@@ -74,7 +85,7 @@ class ContrastiveStage(BaseStage):
         text_model: str = "scratch",
         text_pooling: Literal["auto", "cls", "mean"] = "auto",
         audio: dict[str, Any] | None = None,
-        fusion: dict[str, Any] | None = None,
+        fusion: dict[str, Any] | str | None = None,
         embed_dim: int = 128,
         temperature: float = 0.07,
         vtc: float | None = None,
@@ -117,11 +128,19 @@ class ContrastiveStage(BaseStage):
         weights = resolve_loss_weights({k: hp[k] for k in TERM_FIELDS}, self.data_fields)
         pooling = hp.text_pooling
         if pooling == "auto":
-            pooling = "mean" if hp.text_model == "scratch" else "cls"
+            pooling = "mean" if hp.text_model in ("scratch", "bert") else "cls"
         use_audio = any(weights[k] > 0 for k in AUDIO_TERMS)
+        video_encoder = self.build_video_encoder()
+        bert_fusion = fusion_kind(hp.fusion)[0] == "bert"
+        text_encoder = self.build_text_encoder(
+            hp.text,
+            hp.text_model,
+            fusion_width=video_encoder.embed_dim if bert_fusion else None,
+            mlm_head=bert_fusion and weights["mlm"] > 0,
+        )
         return VideoTextAligner(
-            video_encoder=self.build_video_encoder(),
-            text_encoder=self.build_text_encoder(hp.text, hp.text_model),
+            video_encoder=video_encoder,
+            text_encoder=text_encoder,
             audio_encoder=self.build_audio_encoder(hp.audio) if use_audio else None,
             tokenizer=self.tokenizer,
             fusion=hp.fusion,
