@@ -1,12 +1,20 @@
-"""``iv2 convert SRC DST [--verify]``: an official InternVideo2 checkpoint → iv2 weights for ``init_from``.
+"""``iv2 convert SRC DST [--verify]``: an official InternVideo2 checkpoint → iv2 weights.
 
-The command around :mod:`iv2_lightning.models.official`: it loads the vision encoder of an official
-checkpoint (OpenGVLab/InternVideo, ``InternVideo2/``; arXiv 2403.15377), prints what was mapped,
-resampled and left out, and writes the weights in the layout ``init_from`` reads (tensors prefixed
-``video_encoder.``). With ``--verify`` the result is written beside the destination first, checked
-against the official equations on the file's own tensors (and the written tensors against the loaded
-encoder), and moved into place only if every check passes. Exit codes: 0 written, 1 verification
-failed (nothing written), 2 the file cannot be converted.
+The command around :mod:`iv2_lightning.models.official` (OpenGVLab/InternVideo, ``InternVideo2/``;
+arXiv 2403.15377). Two destinations:
+
+* ``DST.safetensors`` or a folder: the vision encoder of any official checkpoint (stage 1, stage 2,
+  distilled, classifier fine-tune) in the layout ``init_from`` reads (tensors prefixed
+  ``video_encoder.``);
+* ``DST.ckpt`` (with ``--tokenizer``): a whole official stage-2 checkpoint (vision encoder, BERT with
+  its fusion layers and MLM head, ``vision_proj``, ``text_proj``, ``itm_head``, ``temp``) as a
+  ContrastiveStage checkpoint that ``iv2 embed``, ``iv2 search`` and ``iv2 test`` load directly.
+
+It prints what was mapped, resampled and left out. With ``--verify`` the result is written beside the
+destination first, checked against the official equations on the file's own tensors (vision tokens and
+pooled output; for ``.ckpt`` also the video-text similarity matrix and the matching-head scores), and
+moved into place only if every check passes. Exit codes: 0 written, 1 verification failed (nothing
+written), 2 the file cannot be converted.
 """
 
 from __future__ import annotations
@@ -17,11 +25,14 @@ import sys
 import warnings
 from pathlib import Path
 
+import torch
+
 from iv2_lightning.models.backbone import VideoEncoder
 from iv2_lightning.models.official.errors import OfficialCheckpointError, PosEmbedInterpolationWarning
 from iv2_lightning.models.official.load import LoadedCheckpoint, load_checkpoint
 from iv2_lightning.models.official.mapping import OFFICIAL_PRESETS
 from iv2_lightning.models.official.save import read_converted, save_converted
+from iv2_lightning.models.official.stage2 import convert_stage2, save_stage2, verify_stage2
 from iv2_lightning.models.official.verify import verify_loaded
 
 
@@ -29,13 +40,25 @@ def build_convert_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="iv2 convert",
         description="Convert the vision encoder of an official InternVideo2 checkpoint (stage-1 pretrain.pth, "
-        "stage-2 .pt, distilled pytorch_model.bin, classifier fine-tune) into iv2 weights for init_from.",
+        "stage-2 .pt, distilled pytorch_model.bin, classifier fine-tune) into iv2 weights for init_from, "
+        "or a whole stage-2 .pt (vision + BERT with fusion layers + heads) into a ContrastiveStage .ckpt.",
     )
     parser.add_argument(
         "src", help="the official checkpoint (.pth/.pt/.bin read weights-only, or .safetensors)"
     )
     parser.add_argument(
-        "dst", help="DST.safetensors (one file), or a folder (weights.safetensors + manifest.json)"
+        "dst",
+        help="DST.safetensors (one file) or a folder (weights.safetensors + manifest.json): the vision "
+        "encoder; DST.ckpt: a whole stage-2 checkpoint as a ContrastiveStage checkpoint (needs --tokenizer)",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="DST.ckpt only: the local folder of the BERT tokenizer the checkpoint was trained with "
+        "(bert-large-uncased for the released stage-2 files)",
+    )
+    parser.add_argument(
+        "--text-heads", type=int, default=None, help="DST.ckpt only: BERT attention heads (default hidden/64)"
     )
     parser.add_argument(
         "--preset",
@@ -86,6 +109,8 @@ def convert_main(argv: list[str] | None = None) -> int:
         )
         if v is not None
     }
+    if Path(args.dst).suffix == ".ckpt":
+        return _convert_stage2(args, overrides)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PosEmbedInterpolationWarning)  # the summary lists it
@@ -107,6 +132,58 @@ def convert_main(argv: list[str] | None = None) -> int:
         print(f"wrote {save_converted(encoder, loaded.report, dst)}")
         return 0
     return _write_verified(encoder, loaded, dst)
+
+
+def _convert_stage2(args: argparse.Namespace, overrides: dict) -> int:
+    """The whole stage-2 model → a ContrastiveStage checkpoint (verified before it is moved in place)."""
+    if not args.tokenizer:
+        print(
+            "iv2 convert: error: a .ckpt destination needs --tokenizer FOLDER (the BERT tokenizer)",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PosEmbedInterpolationWarning)
+            stage, loaded, report = convert_stage2(
+                args.src,
+                args.tokenizer,
+                args.num_frames,
+                args.image_size,
+                args.preset,
+                args.source_frames,
+                args.text_heads,
+                overrides,
+            )
+    except (OfficialCheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"iv2 convert: error: {err}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    dst = Path(args.dst)
+    if args.verify:
+        result = verify_stage2(stage, loaded, report)
+        print(result.summary())
+        if not result.ok:
+            print(f"iv2 convert: verification failed; {dst} was not written", file=sys.stderr)
+            return 1
+        # the written file must rebuild the same model: load it back as the commands do and compare
+        staging = save_stage2(stage, report, dst.with_name(f".{dst.name}.verify"))
+        try:
+            written = torch.load(staging, map_location="cpu", weights_only=True)["state_dict"]
+            own = stage.state_dict()
+            same = written.keys() == own.keys() and all(torch.equal(written[k], own[k]) for k in own)
+            if not same:
+                print(f"iv2 convert: the written tensors differ; {dst} was not written", file=sys.stderr)
+                return 1
+            os.replace(staging, dst)
+        finally:
+            if staging.exists():
+                staging.unlink()
+        print(f"  ok: the written checkpoint holds the {len(own)} tensors of the verified model")
+        print(f"wrote {dst}")
+        return 0
+    print(f"wrote {save_stage2(stage, report, dst)}")
+    return 0
 
 
 def _write_verified(encoder: VideoEncoder, loaded: LoadedCheckpoint, dst: Path) -> int:
