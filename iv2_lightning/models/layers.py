@@ -47,14 +47,18 @@ class Mlp(nn.Module):
 
 
 class LayerScale(nn.Module):
-    """Per-channel residual scale (CaiT); the official init is 1e-5 and the parameter stays fp32."""
+    """Per-channel residual scale (CaiT); the official init is 1e-5 and the parameter stays fp32.
+
+    The product is taken in fp32 and cast back, as the official ``LayerScale(force_fp32=True)``: with
+    gamma near 1e-5 a bf16 product would keep only 8 bits of the (small) residual update. In fp32 the
+    casts are no-ops."""
 
     def __init__(self, dim: int, init_value: float = 1e-5) -> None:
         super().__init__()
         self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma.to(x.dtype)
+        return (x.float() * self.gamma.float()).to(x.dtype)
 
 
 class DropPath(nn.Module):

@@ -45,7 +45,8 @@ _KNOWN_UNUSED: tuple[tuple[re.Pattern[str], str], ...] = (
     ),
     (
         re.compile(r"mae_pos_embed|mae_decoder\..*"),
-        "stage-1 VideoMAEv2-teacher head; MaskedVideoStage distils from one teacher, so it has no counterpart",
+        "stage-1 VideoMAEv2-teacher head and its position table (training-only); the converter maps only "
+        "the CLIP-teacher heads, so a second teacher's heads start fresh",
     ),
     (re.compile(r"final_clip_decoder\..*|clip_decoder\..*"), "stage-1 teacher head of an unknown form"),
 )
