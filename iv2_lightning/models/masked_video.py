@@ -26,11 +26,13 @@ from collections.abc import Sequence
 from typing import Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from iv2_lightning.models.backbone import VideoEncoder
 from iv2_lightning.models.heads import (
     DistillHead,
+    HeadKind,
     PixelDecoder,
     patchify,
     pixel_reconstruction_loss,
@@ -82,21 +84,30 @@ class MaskedVideoModel(nn.Module):
         raw_pix_weight: float = 0.0,
         teachers: Sequence[nn.Module] = (),
         teacher_weights: Sequence[float] | None = None,
-        teacher_layers: int = 1,
-        distill_head: Literal["linear", "mlp"] = "linear",
+        teacher_layers: int | Sequence[int] = 1,
+        distill_head: HeadKind | Sequence[HeadKind] = "linear",
         teacher_autocast: bool = True,
+        cls_target: bool | Sequence[bool] = False,
+        pool_target: bool | Sequence[bool] = True,
+        target_pos_embed: bool = False,
+        frame_stride: int = 1,
+        teacher_frames: Sequence[Literal["student", "all"]] | None = None,
     ) -> None:
         super().__init__()
         _check_arguments(target, mask_type, mask_ratio, norm_pix, raw_pix_weight, teachers)
+        if frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1; got {frame_stride}")
         self.target, self.mask_type, self.mask_ratio = target, mask_type, mask_ratio
         self.norm_pix, self.raw_pix_weight = norm_pix, raw_pix_weight
-        self.teacher_layers, self.teacher_autocast = teacher_layers, teacher_autocast
+        self.teacher_autocast = teacher_autocast
+        self.frame_stride = frame_stride
         self.video_encoder = video_encoder
         enc = video_encoder
         self.tubelet, self.patch = enc.tubelet_size, enc.patch_size
         if target == "pixels":
             self.teachers: tuple[nn.Module, ...] = ()
             self.teacher_weights: list[float] = []
+            self.teacher_layers = 1
             self.decoder = PixelDecoder(
                 enc.embed_dim,
                 # with a raw-pixel term the decoder predicts both targets of each patch
@@ -116,11 +127,29 @@ class MaskedVideoModel(nn.Module):
         if any(w < 0 for w in weights) or sum(weights) <= 0:
             raise ValueError(f"teacher_weights must be >= 0 with a positive sum; got {weights}")
         self.teacher_weights = weights
+        n = len(teachers)
+        self.layers_per_teacher = [int(k) for k in _per_teacher(teacher_layers, n, "teacher_layers")]
+        if any(k < 1 for k in self.layers_per_teacher):
+            raise ValueError(f"teacher_layers must be >= 1; got {self.layers_per_teacher}")
+        self.teacher_layers = max(self.layers_per_teacher)  # the student returns this many hidden states
+        kinds = _per_teacher(distill_head, n, "distill_head")
+        self.cls_targets = [bool(c) for c in _per_teacher(cls_target, n, "cls_target")]
+        self.pool_targets = [bool(c) for c in _per_teacher(pool_target, n, "pool_target")]
+        self.teacher_frames = list(teacher_frames) if teacher_frames is not None else ["student"] * n
+        if len(self.teacher_frames) != n or not set(self.teacher_frames) <= {"student", "all"}:
+            raise ValueError(
+                f"teacher_frames must name 'student' or 'all' for each of the {n} teachers; got {teacher_frames}"
+            )
         # a tuple, not submodules: never exported, never in the optimizer (see the docstring); frozen
         # and in eval mode here, since ``model.train()`` does not reach them
         self.teachers = tuple(t.eval().requires_grad_(False) for t in teachers)
-        heads = [self._heads_for(t, i, distill_head) for i, t in enumerate(self.teachers)]
+        heads = [self._heads_for(t, i, kinds[i]) for i, t in enumerate(self.teachers)]
         self.token_heads, self.pool_head = heads[0]
+        # learned position tables added to the student's states before the token heads (official
+        # clip_pos_embed / mae_pos_embed), one per teacher, started from the student's own table
+        self.target_pos = nn.ParameterList(
+            nn.Parameter(enc.pos_embed.detach().clone()) for _ in self.teachers if target_pos_embed
+        )
         self.extra_heads = nn.ModuleList(
             nn.ModuleDict({"tokens": tok, "pool": pool}) for tok, pool in heads[1:]
         )
@@ -134,25 +163,44 @@ class MaskedVideoModel(nn.Module):
     def _heads_for(self, teacher: nn.Module, index: int, kind: str) -> tuple[nn.ModuleList, DistillHead]:
         """Token and pooled-output heads sized by one probe pass of ``teacher`` on a blank clip."""
         enc = self.video_encoder
+        frames = enc.num_frames * (self.frame_stride if self.teacher_frames[index] == "all" else 1)
         with torch.no_grad():
             probe = teacher(
-                torch.zeros(1, 3, enc.num_frames, enc.image_size, enc.image_size),
-                return_hidden=self.teacher_layers,
+                torch.zeros(1, 3, frames, enc.image_size, enc.image_size),
+                return_hidden=self.layers_per_teacher[index],
             )
         t_dim, t_pool = probe.tokens.shape[-1], probe.pooled.shape[-1]
-        if probe.tokens.shape[1] - getattr(probe, "num_prefix", 1) != enc.num_patches:
+        grid = getattr(probe, "grid", None)
+        if grid is None and probe.tokens.shape[1] - getattr(probe, "num_prefix", 1) != enc.num_patches:
             raise ValueError(
                 f"teacher {index} ({type(teacher).__name__}) has {probe.tokens.shape[1]} tokens per clip, "
-                f"the student {enc.num_patches} (+cls): use the same patch size, tubelet, frames and image size"
+                f"the student {enc.num_patches} (+cls): use the same patch size, tubelet, frames and image "
+                "size, or a teacher that reports its grid (it is then resampled)"
+            )
+        if self.cls_targets[index] and (getattr(probe, "num_prefix", 1) < 1 or enc.num_prefix < 1):
+            raise ValueError(
+                f"cls_target for teacher {index} needs a class token in the teacher and the student"
             )
         token_heads = nn.ModuleList(
-            DistillHead(enc.embed_dim, t_dim, kind) for _ in range(self.teacher_layers)
+            DistillHead(enc.embed_dim, t_dim, kind) for _ in range(self.layers_per_teacher[index])
         )
         return token_heads, DistillHead(enc.embed_out_dim, t_pool, kind)
 
+    def _on_student_grid(self, tokens: torch.Tensor, prefix: int, grid) -> torch.Tensor:
+        """A teacher's ``[B, prefix + N_t, D]`` states on the student's token grid (trilinear
+        resampling of the patch tokens; the prefix kept) when its ``grid`` differs."""
+        student = self.video_encoder.grid_size
+        if grid is None or tuple(grid) == tuple(student):
+            return tokens
+        b, d = tokens.shape[0], tokens.shape[-1]
+        x = tokens[:, prefix:].reshape(b, *grid, d).permute(0, 4, 1, 2, 3).float()
+        x = F.interpolate(x, size=tuple(student), mode="trilinear", align_corners=False)
+        x = x.flatten(2).transpose(1, 2).to(tokens.dtype)
+        return torch.cat([tokens[:, :prefix], x], dim=1)
+
     # -- teachers and masks ---------------------------------------------------------------------
 
-    def run_teacher(self, teacher: nn.Module, video: torch.Tensor):
+    def run_teacher(self, teacher: nn.Module, video: torch.Tensor, layers: int | None = None):
         """One teacher's outputs for ``video``: no gradients, bf16 autocast on CUDA (when enabled)."""
         weight = next(iter(teacher.parameters()), None)
         if weight is not None and weight.device != video.device:
@@ -160,7 +208,7 @@ class MaskedVideoModel(nn.Module):
         device_type = video.device.type
         autocast = self.teacher_autocast and device_type == "cuda"
         with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
-            return teacher(video, return_hidden=self.teacher_layers)
+            return teacher(video, return_hidden=self.teacher_layers if layers is None else layers)
 
     def make_mask(
         self, video: torch.Tensor, teacher_out=None, generator: torch.Generator | None = None
@@ -171,18 +219,27 @@ class MaskedVideoModel(nn.Module):
         grid = self.video_encoder.patch_embed.grid(tuple(video.shape))
         attention = None
         if self.mask_type == "attention":
-            with torch.no_grad():
-                weights = self.teacher.clip_projector.attention_weights(teacher_out.tokens)  # [B, 1 + N]
-            attention = weights[:, getattr(teacher_out, "num_prefix", 1) :].reshape(b, grid[0], -1)
+            given = getattr(teacher_out, "attention", None)
+            if given is not None:  # the teacher's own attention over its patches, on its grid
+                weights = self._on_student_grid(given[..., None], 0, getattr(teacher_out, "grid", None))[
+                    ..., 0
+                ]
+                attention = weights.clamp_min(0).reshape(b, grid[0], -1)
+            else:
+                with torch.no_grad():
+                    weights = self.teacher.clip_projector.attention_weights(teacher_out.tokens)  # [B, 1 + N]
+                attention = weights[:, getattr(teacher_out, "num_prefix", 1) :].reshape(b, grid[0], -1)
         mask = make_mask(self.mask_type, b, grid, self.mask_ratio, attention=attention, generator=generator)
         return mask.to(video.device)
 
     # -- the objective --------------------------------------------------------------------------
 
     def forward(self, video: torch.Tensor, generator: torch.Generator | None = None) -> MaskedVideoOutput:
-        """The loss of one batch of clips ``[B, 3, T, H, W]``; ``generator`` fixes the masks."""
+        """The loss of one batch of clips ``[B, 3, T, H, W]``; ``generator`` fixes the masks. With
+        ``frame_stride`` > 1 the student (and the teachers on ``"student"`` frames) sees every
+        ``frame_stride``-th frame, the teachers on ``"all"`` frames the whole clip."""
         if self.target == "pixels":
-            return self._pixel_forward(video, generator)
+            return self._pixel_forward(video[:, :, :: self.frame_stride], generator)
         return self._distill_forward(video, generator)
 
     def _pixel_forward(self, video: torch.Tensor, generator: torch.Generator | None) -> MaskedVideoOutput:
@@ -203,22 +260,40 @@ class MaskedVideoModel(nn.Module):
         return MaskedVideoOutput(total, terms, mask, pred)
 
     def _distill_forward(self, video: torch.Tensor, generator: torch.Generator | None) -> MaskedVideoOutput:
-        t_outs = [self.run_teacher(t, video) for t in self.teachers]
-        mask = self.make_mask(video, t_outs[0], generator=generator)
-        out = self.video_encoder(video, mask=mask, return_hidden=self.teacher_layers)
+        student_video = video[:, :, :: self.frame_stride]
+        t_outs = [
+            self.run_teacher(t, video if frames == "all" else student_video, k)
+            for t, frames, k in zip(self.teachers, self.teacher_frames, self.layers_per_teacher)
+        ]
+        mask = self.make_mask(student_video, t_outs[0], generator=generator)
+        out = self.video_encoder(student_video, mask=mask, return_hidden=self.teacher_layers)
         keep, b, p = ~mask, video.shape[0], self.video_encoder.num_prefix
         heads = [(self.token_heads, self.pool_head)] + [(h["tokens"], h["pool"]) for h in self.extra_heads]
         token_total = pool_total = 0.0
         parts: dict[str, torch.Tensor] = {}
         for i, ((token_heads, pool_head), t_out, w) in enumerate(zip(heads, t_outs, self.teacher_weights)):
-            tp = getattr(t_out, "num_prefix", 1)
+            tp, grid = getattr(t_out, "num_prefix", 1), getattr(t_out, "grid", None)
+            with_cls = self.cls_targets[i]
             token_loss = 0.0
-            for head, s_h, t_h in zip(token_heads, out.hidden_states, t_out.hidden_states):
+            k = self.layers_per_teacher[i]
+            for head, s_h, t_h in zip(token_heads, out.hidden_states[-k:], t_out.hidden_states[-k:]):
                 # the teacher saw every token: score the student on the ones it saw
-                target = t_h[:, tp:][keep].reshape(b, -1, t_h.shape[-1]).float()
-                token_loss = token_loss + self.distill_loss(head(s_h[:, p:]), target)
+                t_h = self._on_student_grid(t_h, tp, grid)
+                target = t_h[:, tp:][keep].reshape(b, -1, t_h.shape[-1])
+                student = s_h
+                if len(self.target_pos):  # the official clip_pos_embed / mae_pos_embed, visible rows
+                    pos = self.target_pos[i].expand(b, -1, -1)
+                    student = s_h + torch.cat([pos[:, :p], pos[:, p:][keep].reshape(b, -1, pos.shape[-1])], 1)
+                s_tokens = student[:, p:]
+                if with_cls:  # the official CLIP targets include the class token (frame-averaged)
+                    target = torch.cat([t_h[:, :1], target], dim=1)
+                    s_tokens = torch.cat([student[:, :1], s_tokens], dim=1)
+                token_loss = token_loss + self.distill_loss(head(s_tokens), target.float())
             token_loss = token_loss / len(token_heads)
+            # a teacher without a pooled target (the official VideoMAE one) keeps its head in the graph
+            # at weight 0, so DDP sees every parameter used
             pool_loss = self.distill_loss(pool_head(out.pooled)[:, None], t_out.pooled.float()[:, None])
+            pool_loss = pool_loss * (1.0 if self.pool_targets[i] else 0.0)
             token_total = token_total + w * token_loss
             pool_total = pool_total + w * pool_loss
             if len(t_outs) > 1:
@@ -250,6 +325,15 @@ class MaskedVideoModel(nn.Module):
             out[mask] = pred.reshape(-1, patches.shape[-1])
         grid = self.video_encoder.patch_embed.grid(tuple(video.shape))
         return unpatchify(out, self.tubelet, self.patch, grid)
+
+
+def _per_teacher(value, n: int, name: str) -> list:
+    """One value per teacher from a single value or a list of ``n``."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} entries for {n} teachers; give one per teacher")
+        return list(value)
+    return [value] * n
 
 
 def _check_arguments(

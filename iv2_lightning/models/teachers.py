@@ -43,13 +43,17 @@ from iv2_lightning.models.weights import load_shared_weights
 
 class TeacherOutput(NamedTuple):
     """The part of :class:`~iv2_lightning.models.backbone.VideoEncoderOutput` a stage-1 teacher
-    provides: ``tokens [B, 1 + N, D]`` (a mean token first), ``pooled [B, D]``, ``hidden_states``
-    (the token states ``return_hidden`` times, the network has one output layer) and ``num_prefix``."""
+    provides: ``tokens [B, num_prefix + N, D]``, ``pooled [B, D']``, ``hidden_states`` (the token
+    states of the last ``return_hidden`` layers), ``num_prefix``; optionally the teacher's own token
+    ``grid`` ``(T, h, w)`` when it may differ from the student's (the targets are then resampled onto
+    the student's grid) and ``attention [B, N]`` over its patch tokens for attention-guided masking."""
 
     tokens: torch.Tensor
     pooled: torch.Tensor
     hidden_states: Sequence[torch.Tensor] = ()
     num_prefix: int = 1
+    grid: tuple[int, int, int] | None = None
+    attention: torch.Tensor | None = None
 
 
 class ConvFrameTeacher(nn.Module):

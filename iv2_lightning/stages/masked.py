@@ -53,10 +53,15 @@ class MaskedVideoStage(BaseStage):
         teacher: str | list[str] | None = None,
         teacher_kwargs: dict[str, Any] | list[dict[str, Any]] | None = None,
         teacher_weights: list[float] | None = None,
-        teacher_layers: int = 1,
+        teacher_layers: int | list[int] = 1,
         teacher_seed: int = 0,
-        distill_head: Literal["linear", "mlp"] = "linear",
+        distill_head: Literal["linear", "mlp"] | list[Literal["linear", "mlp"]] = "linear",
         teacher_autocast: bool = True,
+        cls_target: bool | list[bool] = False,
+        pool_target: bool | list[bool] = True,
+        target_pos_embed: bool = False,
+        frame_stride: int = 1,
+        teacher_frames: list[Literal["student", "all"]] | None = None,
         log_images: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -65,6 +70,8 @@ class MaskedVideoStage(BaseStage):
                 raise ValueError("target='teacher' needs `teacher`: 'random', a weights path or a class path")
             # fail on misaligned lists before building anything
             pair_teacher_args(teacher, teacher_kwargs, teacher_weights)
+        if frame_stride < 1:
+            raise ValueError(f"frame_stride must be >= 1; got {frame_stride}")
         self.first_val_loss: float | None = None
         self._first_parts: list[float] | None = None
         self._val_losses: list[torch.Tensor] = []
@@ -72,6 +79,11 @@ class MaskedVideoStage(BaseStage):
 
     def build_model(self) -> MaskedVideoModel:
         hp = self.hparams
+        if hp.frame_stride > 1:  # the data's clip holds frame_stride x the student's frames
+            frames = self.encoder_config["num_frames"]
+            if frames % hp.frame_stride:
+                raise ValueError(f"frame_stride {hp.frame_stride} does not divide the clip's {frames} frames")
+            self.encoder_config = {**self.encoder_config, "num_frames": frames // hp.frame_stride}
         video_encoder = self.build_video_encoder()  # first: the student's weights follow the seed
         teachers, weights = [], None
         if hp.target == "teacher":
