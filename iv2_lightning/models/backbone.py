@@ -240,7 +240,8 @@ class VideoEncoder(nn.Module):
     Build one from a preset with :func:`build_video_encoder`; every argument here is a typed
     constructor argument so configs can set it. ``mlp_act="gelu_tanh"`` uses the tanh-approximate
     GELU of flash-attn's ``FusedMLP``, the activation the official models were pre-trained with on
-    their fused fast path; the default exact GELU is their plain-PyTorch path.
+    their fused fast path; the default exact GELU is their plain-PyTorch path. ``depth_scaled_init``
+    applies the official ``fix_init_weight`` after the truncated-normal init (see ``reset_parameters``).
     """
 
     def __init__(
@@ -268,6 +269,7 @@ class VideoEncoder(nn.Module):
         frame_wise: bool = False,
         backend: Backend = "auto",
         mlp_act: MlpAct = "gelu",
+        depth_scaled_init: bool = False,
     ) -> None:
         super().__init__()
         if attention not in ("joint", "divided"):
@@ -290,6 +292,7 @@ class VideoEncoder(nn.Module):
         self.tubelet_size = tubelet_size
         self.grad_checkpointing = grad_checkpointing
         self.frame_wise = frame_wise
+        self.depth_scaled_init = depth_scaled_init
         self.num_prefix = 1 if use_cls_token else 0
         self.grid_size = (num_frames // tubelet_size, image_size // patch_size, image_size // patch_size)
         self.num_patches = math.prod(self.grid_size)
@@ -338,6 +341,14 @@ class VideoEncoder(nn.Module):
         # the patch projection as a Linear over the flattened patch (MAE)
         w = self.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        if self.depth_scaled_init:
+            # the official ``fix_init_weight`` (BEiT's): block i's residual outputs (attention proj, MLP
+            # fc2) divided by sqrt(2 i), i from 1, so deep stacks start with small residual updates
+            with torch.no_grad():
+                for i, blk in enumerate(self.blocks, start=1):
+                    for name, m in blk.named_modules():
+                        if name in ("attn.proj", "attn_t.proj", "mlp.fc2"):
+                            m.weight.div_(math.sqrt(2.0 * i))
 
     def adapt_state_dict(self, state: dict[str, torch.Tensor], prefix: str = "") -> list[str]:
         """Adapt, in place, the tensors of ``state`` under ``prefix`` that differ from this encoder

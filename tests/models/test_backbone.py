@@ -1,5 +1,7 @@
 """VideoEncoder: shapes, divided attention semantics, masked encoding, presets, bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -379,3 +381,24 @@ def test_frame_wise_masked_and_checkpointed_paths_agree():
     torch.testing.assert_close(
         enc(v, mask=torch.zeros(2, 64, dtype=torch.bool)).tokens, full, atol=1e-5, rtol=1e-5
     )
+
+
+@pytest.mark.parametrize("attention", ["joint", "divided"])
+def test_depth_scaled_init_divides_each_blocks_residual_outputs(attention):
+    """The official ``fix_init_weight``: block i's attention and MLP output weights / sqrt(2 i)."""
+    kw = dict(num_frames=4, image_size=32, patch_size=16, tubelet_size=2, attention=attention)
+    torch.manual_seed(0)
+    plain = build_video_encoder("tiny", **kw)
+    torch.manual_seed(0)
+    scaled = build_video_encoder("tiny", depth_scaled_init=True, **kw)
+    names = ("attn.proj.weight", "attn_t.proj.weight", "mlp.fc2.weight")
+    seen = 0
+    for i, (a, b) in enumerate(zip(plain.blocks, scaled.blocks), start=1):
+        pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+        for name in pa:
+            if name in names:
+                torch.testing.assert_close(pb[name], pa[name] / math.sqrt(2.0 * i))
+                seen += 1
+            else:
+                assert torch.equal(pa[name], pb[name]), name
+    assert seen == len(plain.blocks) * (3 if attention == "divided" else 2)
