@@ -129,6 +129,42 @@ class ConvFrameTeacher(nn.Module):
         return TeacherOutput(tokens=tokens, pooled=pooled, hidden_states=[tokens] * max(return_hidden, 0))
 
 
+class SelectedLayers(nn.Module):
+    """A :class:`VideoEncoder` teacher whose layer targets are chosen blocks instead of the last ones.
+
+    The official distillation of InternVideo2-S/B/L from the stage-2 1B encoder
+    (``single_modality/scripts/distillation/*_dist_1B_stage2.sh``: ``--clip_return_layer 6
+    --clip_teacher_return_interval 3.34``) aligns the student's last 6 blocks with teacher blocks spaced
+    3.34 apart from the top: 23, 26, 29, 33, 36 and 39 of 40 (0-based). ``layers`` are those indices;
+    ``forward(video, return_hidden=k)`` returns the outputs of the last ``k`` of them, oldest first."""
+
+    def __init__(self, encoder: VideoEncoder, layers: Sequence[int]) -> None:
+        super().__init__()
+        picked = sorted(int(i) for i in layers)
+        if not picked or picked[0] < 0 or picked[-1] >= encoder.depth or len(set(picked)) != len(picked):
+            raise ValueError(
+                f"teacher layers must be distinct block indices in [0, {encoder.depth}); got {list(layers)}"
+            )
+        self.encoder = encoder
+        self.layers = picked
+
+    @property
+    def clip_projector(self) -> nn.Module:  # attention-guided masking reads the teacher's pool
+        return self.encoder.clip_projector
+
+    def forward(self, video: torch.Tensor, return_hidden: int = 0):
+        if return_hidden > len(self.layers):
+            raise ValueError(
+                f"return_hidden={return_hidden} but only {len(self.layers)} teacher layers are chosen"
+            )
+        first = self.layers[0]
+        out = self.encoder(video, return_hidden=self.encoder.depth - first)
+        picked = [out.hidden_states[i - first] for i in self.layers]
+        return out._replace(
+            hidden_states=tuple(picked[len(picked) - return_hidden :]) if return_hidden else ()
+        )
+
+
 def build_teacher(
     spec: str,
     kwargs: dict[str, Any] | None = None,
@@ -140,8 +176,10 @@ def build_teacher(
     export folder / .safetensors / .ckpt of a ``VideoEncoder`` (built from ``kwargs``), or a class
     path ``package.module.Class`` / ``package.module:Class`` instantiated with ``kwargs``. The teacher
     must accept ``(video, return_hidden=k)`` and return ``tokens``, ``pooled`` and ``hidden_states``
-    like :class:`VideoEncoder`."""
+    like :class:`VideoEncoder`. ``kwargs["layers"]`` (block indices) wraps a ``VideoEncoder`` teacher in
+    :class:`SelectedLayers`."""
     kwargs = dict(kwargs or {})
+    layers = kwargs.pop("layers", None)
     if spec == "random":
         if kwargs or default_config is None:
             config = preset_config(kwargs.pop("preset", "tiny"), **kwargs)
@@ -165,6 +203,12 @@ def build_teacher(
                 f"teacher {spec!r} is neither an existing weights path nor an importable class"
             ) from err
         teacher = cls(**kwargs)
+    if layers is not None:
+        if not isinstance(teacher, VideoEncoder):
+            raise ValueError(
+                f"teacher_kwargs 'layers' needs a VideoEncoder teacher; {spec!r} is a {type(teacher).__name__}"
+            )
+        teacher = SelectedLayers(teacher, layers)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
@@ -197,4 +241,4 @@ def pair_teacher_args(
     return specs, kwargs_list, weights
 
 
-__all__ = ["ConvFrameTeacher", "TeacherOutput", "build_teacher", "pair_teacher_args"]
+__all__ = ["ConvFrameTeacher", "SelectedLayers", "TeacherOutput", "build_teacher", "pair_teacher_args"]

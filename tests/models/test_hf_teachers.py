@@ -189,3 +189,22 @@ def test_stage_builds_hf_teachers_from_class_paths(folders):
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="does not divide"):
         MaskedVideoStage(preset="tiny", num_frames=7, image_size=SIZE, frame_stride=2)
+
+
+def test_selected_layers_pick_the_official_distillation_blocks():
+    """S/B/L distil from blocks 23, 26, 29, 33, 36, 39 of the 1B (interval 3.34 from the top)."""
+    from iv2_lightning.models.teachers import SelectedLayers, build_teacher
+
+    kw = dict(preset="tiny", num_frames=4, image_size=32, patch_size=16, tubelet_size=2, depth=6)
+    teacher = build_teacher("random", {**kw, "layers": [1, 3, 4]}, seed=3)
+    assert isinstance(teacher, SelectedLayers) and teacher.layers == [1, 3, 4]
+    video = _clip()
+    full = teacher.encoder(video, return_hidden=6)  # every block's output, oldest first
+    out = teacher(video, return_hidden=2)
+    assert len(out.hidden_states) == 2
+    assert torch.equal(out.hidden_states[0], full.hidden_states[3]) and torch.equal(
+        out.hidden_states[1], full.hidden_states[4]
+    )
+    assert torch.equal(out.pooled, full.pooled) and teacher.clip_projector is teacher.encoder.clip_projector
+    with pytest.raises(ValueError, match=r"distinct block indices in \[0, 6\)"):
+        build_teacher("random", {**kw, "layers": [2, 6]})
