@@ -32,8 +32,10 @@ from iv2_lightning.models.official.errors import OfficialCheckpointError, PosEmb
 from iv2_lightning.models.official.load import LoadedCheckpoint, load_checkpoint
 from iv2_lightning.models.official.mapping import OFFICIAL_PRESETS
 from iv2_lightning.models.official.save import read_converted, save_converted
-from iv2_lightning.models.official.stage2 import convert_stage2, save_stage2, verify_stage2
+from iv2_lightning.models.official.stage2 import Stage2Report, load_stage2, read_stage2, verify_stage2
 from iv2_lightning.models.official.verify import verify_loaded
+
+STAGE_CLASS_PATH = "iv2_lightning.stages.contrastive.ContrastiveStage"
 
 
 def build_convert_parser() -> argparse.ArgumentParser:
@@ -134,6 +136,48 @@ def convert_main(argv: list[str] | None = None) -> int:
     return _write_verified(encoder, loaded, dst)
 
 
+def convert_stage2(
+    source,
+    tokenizer: str,
+    num_frames: int = 8,
+    image_size: int = 224,
+    preset: str | None = None,
+    source_frames: int | None = None,
+    text_heads: int | None = None,
+    overrides: dict | None = None,
+):
+    """``(stage, loaded, report)``: a ContrastiveStage (eval mode) holding every tensor of the official
+    stage-2 checkpoint ``source`` (see :mod:`iv2_lightning.models.official.stage2`)."""
+    from iv2_lightning.stages.contrastive import ContrastiveStage
+
+    encoder, loaded, report = read_stage2(
+        source, tokenizer, num_frames, image_size, preset, source_frames, text_heads, overrides
+    )
+    stage = ContrastiveStage(**report.hparams)
+    load_stage2(stage.model, encoder, report)
+    return stage.eval(), loaded, report
+
+
+def save_stage2(stage, report: Stage2Report, dst: str | os.PathLike) -> Path:
+    """A Lightning-style checkpoint (weights-only readable) that ``iv2 embed/search/test`` load."""
+    import lightning
+
+    dst = Path(dst)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "state_dict": {k: v.detach().clone() for k, v in stage.state_dict().items()},
+        "hyper_parameters": {**report.hparams, "_class_path": STAGE_CLASS_PATH},
+        "epoch": 0,
+        "global_step": 0,
+        "pytorch-lightning_version": lightning.__version__,
+        "iv2_converted_from": report.vision.source,
+    }
+    partial = dst.with_name(f".{dst.name}.partial")
+    torch.save(ckpt, partial)
+    os.replace(partial, dst)
+    return dst
+
+
 def _convert_stage2(args: argparse.Namespace, overrides: dict) -> int:
     """The whole stage-2 model → a ContrastiveStage checkpoint (verified before it is moved in place)."""
     if not args.tokenizer:
@@ -161,7 +205,7 @@ def _convert_stage2(args: argparse.Namespace, overrides: dict) -> int:
     print(report.summary())
     dst = Path(args.dst)
     if args.verify:
-        result = verify_stage2(stage, loaded, report)
+        result = verify_stage2(stage.model, loaded, report)
         print(result.summary())
         if not result.ok:
             print(f"iv2 convert: verification failed; {dst} was not written", file=sys.stderr)
@@ -213,4 +257,4 @@ def _write_verified(encoder: VideoEncoder, loaded: LoadedCheckpoint, dst: Path) 
     return 0
 
 
-__all__ = ["build_convert_parser", "convert_main"]
+__all__ = ["build_convert_parser", "convert_main", "convert_stage2", "save_stage2"]

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from iv2_lightning.convert import convert_main
-from iv2_lightning.models.official.stage2 import convert_stage2, verify_stage2
+from iv2_lightning.convert import convert_main, convert_stage2
+from iv2_lightning.models.official.stage2 import verify_stage2
 from iv2_lightning.stages import ContrastiveStage
 from iv2_lightning.use.checkpoints import load_model
 
@@ -43,7 +43,7 @@ def test_every_tensor_is_accounted_for_and_the_equations_match(tokenizer):
     assert "not converted yet" in report.unmapped["audio_proj.weight"]
     assert stage.model.fusion_kind == "bert" and stage.model.loss_weights["vtm"] == 1.0
     assert float(stage.model.contrastive.temp) == pytest.approx(0.0523)
-    result = verify_stage2(stage, loaded, report)
+    result = verify_stage2(stage.model, loaded, report)
     assert result.ok, result.summary()
     assert len(result.checked) == 2
 
@@ -60,7 +60,7 @@ def test_verification_fails_on_a_wrong_tensor(tokenizer, broken, what):
     stage, loaded, report = _convert(make_stage2(), tokenizer)
     with torch.no_grad():
         stage.state_dict()[broken].mul_(1.05)
-    result = verify_stage2(stage, loaded, report)
+    result = verify_stage2(stage.model, loaded, report)
     assert not result.ok and any(what in p for p in result.problems), result.summary()
 
 

@@ -1,10 +1,12 @@
-"""Whole official stage-2 checkpoints → a :class:`~iv2_lightning.stages.ContrastiveStage` checkpoint.
+"""Whole official stage-2 checkpoints → our stage-2 model (:class:`~iv2_lightning.models.aligner.VideoTextAligner`).
 
 An official stage-2 file (OpenGVLab/InternVideo, ``InternVideo2/multi_modality``, the 1B layout of
 ``models/internvideo2_stage2.py``) holds the vision encoder (``vision_encoder.*``, loaded by
 :func:`~iv2_lightning.models.official.load.load_checkpoint`), BERT with fusion layers
 (``text_encoder.bert.*``, MLM head ``text_encoder.cls.*``), ``vision_proj``, ``text_proj``, ``itm_head``
-and ``temp``. :func:`convert_stage2` maps every one of them into a ContrastiveStage built with
+and ``temp``. :func:`read_stage2` reads them and the ContrastiveStage arguments that rebuild the model
+(built by ``iv2 convert``, which writes the stage checkpoint: this module stays free of Lightning), and
+:func:`load_stage2` maps every tensor into the aligner built with
 ``text_model: bert``, ``fusion: bert`` and the official loss weights (vtc = vtm = mlm = 1, the 1B
 ``scripts/pretraining/stage2/1B/config.py``), so ``iv2 embed``, ``iv2 search`` and ``iv2 test`` load the
 result as they load a checkpoint of our own. The 6B file's audio side (BEATs, ``audio_proj``,
@@ -21,7 +23,6 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,16 +38,15 @@ from iv2_lightning.models.official.reference_text import (
     reference_text_states,
 )
 
-STAGE_CLASS_PATH = "iv2_lightning.stages.contrastive.ContrastiveStage"
 TEXT_PREFIX = "text_encoder."
-#: official name → our name (ContrastiveStage state dict) for the heads around the two towers
+#: official name → our name (VideoTextAligner state dict) for the heads around the two towers
 HEADS = {
-    "vision_proj.weight": "model.video_proj.proj.weight",
-    "vision_proj.bias": "model.video_proj.proj.bias",
-    "text_proj.weight": "model.text_proj.proj.weight",
-    "text_proj.bias": "model.text_proj.proj.bias",
-    "itm_head.weight": "model.itm_head.fc.weight",
-    "itm_head.bias": "model.itm_head.fc.bias",
+    "vision_proj.weight": "video_proj.proj.weight",
+    "vision_proj.bias": "video_proj.proj.bias",
+    "text_proj.weight": "text_proj.proj.weight",
+    "text_proj.bias": "text_proj.proj.bias",
+    "itm_head.weight": "itm_head.fc.weight",
+    "itm_head.bias": "itm_head.fc.bias",
 }
 _AUDIO = ("audio_encoder.", "audio_proj.", "av_fusion.", "audio_")
 
@@ -156,7 +156,7 @@ def stage2_hparams(
     }
 
 
-def convert_stage2(
+def read_stage2(
     source: str | os.PathLike | Mapping[str, Any],
     tokenizer: str,
     num_frames: int = 8,
@@ -165,12 +165,11 @@ def convert_stage2(
     source_frames: int | None = None,
     text_heads: int | None = None,
     overrides: dict[str, Any] | None = None,
-):
-    """``(stage, loaded, report)``: a ContrastiveStage holding every tensor of the official stage-2
-    checkpoint ``source``; ``tokenizer`` is the local folder of its BERT tokenizer (bert-large-uncased
-    for the released files), which the stage needs to read captions."""
-    from iv2_lightning.stages.contrastive import ContrastiveStage  # stages import models, not the reverse
-
+) -> tuple[torch.nn.Module, LoadedCheckpoint, Stage2Report]:
+    """``(vision encoder, loaded, report)`` of the official stage-2 checkpoint ``source``; the report's
+    ``hparams`` are the ContrastiveStage arguments that rebuild the model (``tokenizer``: the local folder
+    of its BERT tokenizer, bert-large-uncased for the released files) and ``outside`` the file's other
+    tensors, for :func:`load_stage2`."""
     encoder, loaded = load_checkpoint(
         source, preset, num_frames, image_size, source_frames, True, dict(overrides or {})
     )
@@ -181,19 +180,24 @@ def convert_stage2(
     for needed in ("vision_proj.weight", "text_proj.weight", "temp"):
         if needed not in outside:
             raise OfficialCheckpointError(f"{name}: no {needed!r}: not an official stage-2 checkpoint")
-    has_itm = "itm_head.weight" in outside
     temp = float(outside["temp"].float().reshape(-1)[0])
     embed_dim = int(outside["vision_proj.weight"].shape[0])
-    hparams = stage2_hparams(loaded, bert, embed_dim, temp, tokenizer, has_itm)
-    stage = ContrastiveStage(**hparams)
-    if stage.tokenizer.vocab_size != bert["config"]["vocab_size"]:
+    hparams = stage2_hparams(loaded, bert, embed_dim, temp, tokenizer, "itm_head.weight" in outside)
+    return encoder, loaded, Stage2Report(vision=loaded.report, bert=bert, hparams=hparams, outside=outside)
+
+
+def load_stage2(model: torch.nn.Module, encoder: torch.nn.Module, report: Stage2Report) -> None:
+    """Every tensor of the file into ``model`` (the :class:`~iv2_lightning.models.aligner.VideoTextAligner`
+    that ``report.hparams`` build), recording in ``report`` where each went or why it did not."""
+    name, outside = report.vision.source, report.outside
+    bert = report.bert
+    if model.tokenizer.vocab_size != bert["config"]["vocab_size"]:
         raise OfficialCheckpointError(
-            f"tokenizer {tokenizer!r} has {stage.tokenizer.vocab_size} tokens but the BERT of {name} has "
-            f"{bert['config']['vocab_size']}: give the tokenizer the checkpoint was trained with "
-            "(bert-large-uncased for the released InternVideo2 stage-2 files)"
+            f"tokenizer {report.hparams['tokenizer']!r} has {model.tokenizer.vocab_size} tokens but the BERT "
+            f"of {name} has {bert['config']['vocab_size']}: give the tokenizer the checkpoint was trained "
+            "with (bert-large-uncased for the released InternVideo2 stage-2 files)"
         )
-    report = Stage2Report(vision=loaded.report, bert=bert, hparams=hparams, outside=outside)
-    model = stage.model
+    text = {k[len(TEXT_PREFIX) :]: v for k, v in outside.items() if k.startswith(TEXT_PREFIX)}
     with torch.no_grad():
         model.video_encoder.load_state_dict(encoder.state_dict())
         bert_report = model.text_encoder.load_bert_state(text, source=f"{name} text_encoder")
@@ -205,24 +209,24 @@ def convert_stage2(
             report.unmapped["text_encoder.cls.predictions.decoder.weight"] = (
                 "differs from the word embeddings; ours ties the MLM decoder to them as BERT does (not loaded)"
             )
-        own = stage.state_dict()
+        own = model.state_dict()
         for off, ours in HEADS.items():
             if off in outside and ours in own:
                 own[ours].copy_(outside[off].to(own[ours].dtype))
                 report.mapped[off] = ours
-        model.contrastive.temp.fill_(temp)
-        report.mapped["temp"] = "model.contrastive.temp"
+        model.contrastive.temp.fill_(float(outside["temp"].float().reshape(-1)[0]))
+        report.mapped["temp"] = "contrastive.temp"
     for k, v in text.items():
         key = TEXT_PREFIX + k
         if k.startswith("bert.pooler") or k.endswith("position_ids"):
             report.unmapped[key] = "not used by the stage-2 model"
         elif k == "cls.predictions.decoder.bias":  # BERT stores its MLM bias twice
-            report.mapped[key] = "model.text_encoder.cls.predictions.bias (the same tensor)"
+            report.mapped[key] = "text_encoder.cls.predictions.bias (the same tensor)"
         elif k == "cls.predictions.decoder.weight":
             if bert_report.tied_decoder:
-                report.mapped[key] = "tied: model.text_encoder.embeddings.word_embeddings.weight"
+                report.mapped[key] = "tied: text_encoder.embeddings.word_embeddings.weight"
         else:
-            report.mapped[key] = "model.text_encoder." + bert_state_from_hf({k: v}).popitem()[0]
+            report.mapped[key] = "text_encoder." + bert_state_from_hf({k: v}).popitem()[0]
     for k in outside:
         if k.startswith(TEXT_PREFIX) or k in report.mapped or k in report.unmapped:
             continue
@@ -230,14 +234,11 @@ def convert_stage2(
             report.unmapped[k] = (
                 "audio side of the 6B model (BEATs, audio_proj, av_fusion): not converted yet"
             )
-        elif k in ("itm_head.weight", "itm_head.bias"):
-            continue
-        else:
+        elif k not in ("itm_head.weight", "itm_head.bias"):
             report.unmapped[k] = "not part of the stage-2 model we rebuild"
-    for k in list(loaded.report.unmapped):  # the vision report lists them as outside its encoder
+    for k in list(report.vision.unmapped):  # the vision report lists them as outside its encoder
         if k in report.mapped or k in report.unmapped:
-            del loaded.report.unmapped[k]
-    return stage.eval(), loaded, report
+            del report.vision.unmapped[k]
 
 
 def _outside_tensors(
@@ -253,26 +254,6 @@ def _outside_tensors(
     return {k: v for k, v in tensors.items() if not k.startswith(prefix)}
 
 
-def save_stage2(stage, report: Stage2Report, dst: str | os.PathLike) -> Path:
-    """Write a Lightning-style checkpoint (weights-only readable) that ``iv2 embed/search/test`` load."""
-    import lightning
-
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    ckpt = {
-        "state_dict": {k: v.detach().clone() for k, v in stage.state_dict().items()},
-        "hyper_parameters": {**report.hparams, "_class_path": STAGE_CLASS_PATH},
-        "epoch": 0,
-        "global_step": 0,
-        "pytorch-lightning_version": lightning.__version__,
-        "iv2_converted_from": report.vision.source,
-    }
-    partial = dst.with_name(f".{dst.name}.partial")
-    torch.save(ckpt, partial)
-    os.replace(partial, dst)
-    return dst
-
-
 @dataclass
 class Stage2Verify:
     ok: bool
@@ -286,12 +267,17 @@ class Stage2Verify:
 
 
 def verify_stage2(
-    stage, loaded: LoadedCheckpoint, report: Stage2Report, seed: int = 0, clips: int = 3, rtol: float = 1e-4
+    model: torch.nn.Module,
+    loaded: LoadedCheckpoint,
+    report: Stage2Report,
+    seed: int = 0,
+    clips: int = 3,
+    rtol: float = 1e-4,
 ) -> Stage2Verify:
-    """Similarity matrix and match scores of the converted stage against the official equations on the
+    """Similarity matrix and match scores of the converted model (a VideoTextAligner) against the official equations on the
     file's own tensors (:mod:`.reference_text`, :func:`.official_reference_forward`), on ``clips``
     random clips and captions; passes when the largest error is below ``rtol * max|reference|``."""
-    model = stage.model.eval()
+    model = model.eval()
     g = torch.Generator().manual_seed(seed)
     cfg = loaded.report.config
     video = torch.randn(clips, 3, cfg["num_frames"], cfg["image_size"], cfg["image_size"], generator=g)
@@ -351,4 +337,4 @@ def _compare(
     (checked if err <= bound else problems).append(msg)
 
 
-__all__ = ["Stage2Report", "Stage2Verify", "convert_stage2", "infer_bert", "save_stage2", "verify_stage2"]
+__all__ = ["Stage2Report", "Stage2Verify", "infer_bert", "load_stage2", "read_stage2", "verify_stage2"]
