@@ -65,3 +65,26 @@ def test_docs_rewrite_keeps_the_sections_other_scripts_wrote(tmp_path, monkeypat
     stages.write_docs("<!-- stages:start -->\nNEW\n<!-- stages:end -->")
     text = docs.read_text()
     assert "NEW" in text and "STAGES" not in text and "GPU" in text
+
+
+def test_fusion_section_replaces_only_its_own_part_of_the_docs(tmp_path, monkeypatch):
+    from benchmarks import fusion
+
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text(
+        "head\n<!-- stages:start -->\nSTAGES\n<!-- stages:end -->\n<!-- fusion:start -->\nOLD\n<!-- fusion:end -->\ntail\n"
+    )
+    monkeypatch.setattr(stages, "DOCS", docs)
+    variant = {"batch": 32, "params": 2.5e6, "gflop": 30.0, "times": [0.4, 0.5], "step_s": 0.45, "mfu": 0.44}
+    res = {
+        "date": "d",
+        "cpu": "c",
+        "threads": 2,
+        "matmul_gflops_fp32": 150.0,
+        "speedup": 1.5,
+        "variants": {"cmfm": {**variant, "step_s": 0.675}, "bert": variant},
+    }
+    stages.write_docs(fusion.markdown(res), fusion.START, fusion.END)
+    text = docs.read_text()
+    assert "OLD" not in text and "STAGES" in text and text.startswith("head") and text.endswith("tail\n")
+    assert "**1.50x**" in text and "| bert | 32 | 2.50M | 30.0 | 0.450 (0.400–0.500) | 44% |" in text
