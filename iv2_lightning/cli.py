@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Callable
 
@@ -127,10 +128,31 @@ def _resolve(target: str) -> Callable[[list[str]], int]:
     return getattr(importlib.import_module(module), func)
 
 
+def _ckpt_path_arg(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--ckpt_path="):
+            return arg.split("=", 1)[1]
+        if arg == "--ckpt_path" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
 def lightning_main(argv: list[str]) -> int:
+    from iv2_lightning.files import UnreadableCheckpointError, verify_file
     from iv2_lightning.lightning_cli import run_lightning_cli
 
-    run_lightning_cli(argv)
+    ckpt = _ckpt_path_arg(argv)
+    if ckpt and os.path.isfile(ckpt):
+        # before LightningCLI reads the checkpoint's hyperparameters from it
+        status, message = verify_file(ckpt)
+        if status == "damaged":
+            print(f"iv2 {argv[0]}: error: {message}; refusing to use it", file=sys.stderr)
+            return 2
+    try:
+        run_lightning_cli(argv)
+    except UnreadableCheckpointError as err:  # damaged, unsafe or unreadable: one line, exit code 2
+        print(f"iv2 {argv[0]}: error: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from iv2_lightning.files import verify_file
 from iv2_lightning.models.weights import (
     MANIFEST_FILE,
     SHARED_MODULES,
@@ -127,6 +128,11 @@ def read_zero_checkpoint(
 def read_lightning_checkpoint(
     path: Path, trust: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    status, message = verify_file(path)
+    if status == "damaged":
+        raise CheckpointError(f"{message}; refusing to export it")
+    if status == "unverified":
+        print(f"note: {message}", file=sys.stderr)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=not trust, mmap=True)
     except Exception as err:

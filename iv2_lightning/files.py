@@ -9,6 +9,12 @@
   a pickle that would run code is refused (:class:`UnsafeCheckpointError`).
 * :func:`checkpoint_problem` / :func:`newest_readable_checkpoint`: what resuming uses to pass over a
   damaged checkpoint with a warning.
+* :func:`save_checkpoint_file` / :func:`verify_file`: every checkpoint we write gets a record beside it
+  (``<name>.sha256.json``: its size and sha256, written atomically); every reader checks a file against
+  its record first. A file that does not match is *damaged* (:class:`DamagedCheckpointError`, the
+  record and the difference named); a file without a record (written by another tool) is *unverified*
+  and loads with a note. While a checkpoint is being replaced the record accepts the old file and the
+  new one, so a kill between the two renames leaves a pair that still verifies.
 
 Both ``models/`` (weights export and ``init_from``) and the Lightning side (:mod:`iv2_lightning.io`)
 use these, so they live apart from anything that imports Lightning.
@@ -118,11 +124,107 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# -- records of what was written -------------------------------------------------------------------
+
+RECORD_SUFFIX = ".sha256.json"
+_noted_unverified: set[str] = set()
+
+
+def record_path(path: str | os.PathLike) -> Path:
+    """The record of ``path``: ``<name>.sha256.json`` beside it."""
+    path = Path(path)
+    return path.with_name(path.name + RECORD_SUFFIX)
+
+
+def file_digest(path: str | os.PathLike) -> dict[str, Any]:
+    return {"size": os.stat(path).st_size, "sha256": sha256_file(path)}
+
+
+def write_file_record(
+    path: str | os.PathLike, digest: dict[str, Any], previous: dict[str, Any] | None = None
+) -> Path:
+    """Write ``path``'s record atomically; ``previous`` (the digest of the file being replaced) is
+    accepted too until the record is written again without it."""
+    record = {"file": Path(path).name, "size": int(digest["size"]), "sha256": str(digest["sha256"])}
+    if previous is not None:
+        record["previous"] = {"size": int(previous["size"]), "sha256": str(previous["sha256"])}
+    return write_json_atomic(record_path(path), record)
+
+
+def verify_file(path: str | os.PathLike) -> tuple[str, str]:
+    """``(status, message)``: ``"verified"`` (size and sha256 match the record), ``"damaged"`` (they do
+    not) or ``"unverified"`` (no readable record beside the file)."""
+    path = Path(path)
+    rp = record_path(path)
+    if not rp.is_file():
+        return "unverified", (
+            f"{path} has no {rp.name} beside it (not written by iv2_lightning?): its integrity could not be "
+            "verified"
+        )
+    try:
+        record = json.loads(rp.read_text())
+        accepted = [record] + ([record["previous"]] if record.get("previous") else [])
+        accepted = [(int(r["size"]), str(r["sha256"])) for r in accepted]
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        return "unverified", f"{rp} is not a readable record ({err}): {path} could not be verified"
+    size = path.stat().st_size
+    if not any(size == s for s, _ in accepted):
+        return "damaged", (
+            f"{path} is damaged: {size} bytes, but {rp.name} records {accepted[0][0]} bytes written "
+            "(cut short or changed after it was written)"
+        )
+    digest = sha256_file(path)
+    if any(size == s and digest == h for s, h in accepted):
+        return "verified", f"{path}: size and sha256 match {rp.name}"
+    return "damaged", (
+        f"{path} is damaged: its sha256 {digest[:12]}... does not match the {accepted[0][1][:12]}... that "
+        f"{rp.name} recorded when it was written (the bytes changed on disk, or the file was replaced)"
+    )
+
+
+def check_file(path: str | os.PathLike) -> str:
+    """:func:`verify_file`, raising :class:`DamagedCheckpointError` for a damaged file; an unverified
+    one is noted in the log once per path. Returns the status."""
+    status, message = verify_file(path)
+    if status == "damaged":
+        raise DamagedCheckpointError(message)
+    if status == "unverified" and str(path) not in _noted_unverified:
+        _noted_unverified.add(str(path))
+        log.warning("%s", message)
+    return status
+
+
+def save_checkpoint_file(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically, with its record. Until the new file is renamed into place
+    the record accepts both the old file and the new one; then it is rewritten for the new one alone."""
+    path = Path(path)
+    previous = None
+    if path.is_file() and verify_file(path)[0] == "verified":
+        old = json.loads(record_path(path).read_text())
+        previous = {"size": old["size"], "sha256": old["sha256"]}
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+        digest = file_digest(tmp)
+        write_file_record(path, digest, previous)
+    write_file_record(path, digest)
+    return path
+
+
+def remove_file_and_record(path: str | os.PathLike) -> None:
+    for p in (Path(path), record_path(path)):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 # -- checkpoints --------------------------------------------------------------------------------------
 
 
 class UnreadableCheckpointError(ValueError):
     """A checkpoint that cannot be loaded (truncated, not a torch file); names the file and why."""
+
+
+class DamagedCheckpointError(UnreadableCheckpointError):
+    """A checkpoint that does not match the size and sha256 recorded when it was written."""
 
 
 class UnsafeCheckpointError(UnreadableCheckpointError):
@@ -137,13 +239,18 @@ def _unsafe_globals(path: Path) -> list[str]:
         return []
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False) -> Any:
-    """``torch.load(path, weights_only=True)``, with errors that name the file: a pickle that would
-    run code raises :class:`UnsafeCheckpointError` (listing what it would import), anything else that
-    stops the load :class:`UnreadableCheckpointError`."""
+def load_checkpoint_file(
+    path: str | os.PathLike, map_location: Any = "cpu", mmap: bool = False, verify: bool = True
+) -> Any:
+    """``torch.load(path, weights_only=True)``, with errors that name the file: a file that does not
+    match its record raises :class:`DamagedCheckpointError` (``verify``; see :func:`verify_file`), a
+    pickle that would run code :class:`UnsafeCheckpointError` (listing what it would import), anything
+    else that stops the load :class:`UnreadableCheckpointError`."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if verify:
+        check_file(path)
     # mmap needs the zip format of torch.save; an older or foreign pickle is read as it is
     mmap = mmap and zipfile.is_zipfile(path)
     try:

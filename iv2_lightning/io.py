@@ -36,15 +36,19 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from iv2_lightning.files import (  # noqa: F401 (re-exported: the Lightning side imports them from here)
     PARTIAL_SUFFIX,
+    DamagedCheckpointError,
     UnreadableCheckpointError,
     UnsafeCheckpointError,
     atomic_path,
     atomic_write,
+    check_file,
     checkpoint_problem,
     checkpoints_in,
     load_checkpoint_file,
     newest_readable_checkpoint,
     partial_path,
+    remove_file_and_record,
+    save_checkpoint_file,
     sha256_file,
     write_bytes_atomic,
     write_json_atomic,
@@ -56,17 +60,25 @@ log = logging.getLogger(__name__)
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """``TorchCheckpointIO`` that writes ``.<name>.partial`` beside the checkpoint, syncs it and renames
-    it into place, and loads with ``weights_only=True`` unless the caller passes ``weights_only=False``."""
+    it into place with its record (``<name>.sha256.json``: size and sha256), and loads with
+    ``weights_only=True`` unless the caller passes ``weights_only=False``, after checking the file
+    against its record (a damaged file raises :class:`DamagedCheckpointError`)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None or "://" in str(path):  # remote storage: fsspec's own writer
             return super().save_checkpoint(checkpoint, path, storage_options)
-        with atomic_write(path, "wb") as f:
-            torch.save(checkpoint, f)
+        save_checkpoint_file(checkpoint, path)
+
+    def remove_checkpoint(self, path) -> None:
+        super().remove_checkpoint(path)
+        if "://" not in str(path):
+            remove_file_and_record(path)
 
     def load_checkpoint(self, path, map_location: Any = lambda storage, loc: storage, weights_only=None):
         if weights_only is False or "://" in str(path):  # a trusted file (explicit), or remote storage
             trusted = weights_only is False
+            if "://" not in str(path):
+                check_file(path)
             return super().load_checkpoint(path, map_location=map_location, weights_only=not trusted)
         return load_checkpoint_file(path, map_location=map_location)
 
@@ -195,6 +207,7 @@ class RngState(L.Callback):
 
 __all__ = [
     "AtomicCheckpointIO",
+    "DamagedCheckpointError",
     "ResumeCheckpoint",
     "RngState",
     "UnreadableCheckpointError",

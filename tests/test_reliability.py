@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import inspect
+import json
 import multiprocessing
 import os
 import random
@@ -406,7 +407,7 @@ def test_damaged_checkpoints_are_passed_over_with_a_warning(tmp_path, caplog):
         os.utime(tmp_path / name, ns=(10**18 - age * 10**9, 10**18 - age * 10**9))  # newest first
     with caplog.at_level("WARNING", logger="iv2_lightning.io"):
         assert newest_readable_checkpoint(checkpoints_in(tmp_path)) == good
-    warned = [r.getMessage() for r in caplog.records]
+    warned = [r.getMessage() for r in caplog.records if "passing over" in r.getMessage()]
     assert len(warned) == 2 and "last-v1.ckpt" in warned[0] and "last.ckpt" in warned[1]
     assert "cut short by a crash" in checkpoint_problem(tmp_path / "last.ckpt")
     assert newest_readable_checkpoint([tmp_path / "last.ckpt"]) is None
@@ -841,3 +842,149 @@ def test_a_mutated_shipped_config_fails_at_parse_time_naming_the_key(kind, data,
     assert named in err, (
         f"{kind} of {'.'.join(where)}.{key} in {target.name}: the error does not name it:\n{err[-1500:]}"
     )
+
+
+# -- verified reads ------------------------------------------------------------------------------------
+
+
+def _stage2_checkpoint(path: Path) -> Path:
+    """A ContrastiveStage checkpoint written as every checkpoint of ours is (AtomicCheckpointIO)."""
+    from iv2_lightning.io import AtomicCheckpointIO
+    from iv2_lightning.stages import ContrastiveStage
+
+    torch.manual_seed(0)
+    stage = ContrastiveStage(
+        preset="tiny",
+        num_frames=4,
+        image_size=32,
+        encoder={"patch_size": 16, "tubelet_size": 2},
+        text={"dim": 64, "depth": 1, "num_heads": 4},
+        vtm=0,
+        atc=0,
+        vac=0,
+        avtc=0,
+        vsc=0,
+    )
+    hparams = {**dict(stage.hparams), "_class_path": "iv2_lightning.stages.contrastive.ContrastiveStage"}
+    AtomicCheckpointIO().save_checkpoint(
+        {"state_dict": stage.state_dict(), "hyper_parameters": hparams}, path
+    )
+    return path
+
+
+def _flip_middle(path: Path, n: int = 4096) -> None:
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid : mid + n] = bytes(b ^ 0xFF for b in data[mid : mid + n])
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_damaged_in_the_middle_is_refused_by_every_reader(tmp_path, capsys):
+    from iv2_lightning.export import export_main
+    from iv2_lightning.files import RECORD_SUFFIX, DamagedCheckpointError, verify_file
+    from iv2_lightning.io import AtomicCheckpointIO, checkpoint_problem
+    from iv2_lightning.models.weights import read_state_dict
+    from iv2_lightning.stages import ContrastiveStage
+    from iv2_lightning.use.checkpoints import load_model
+    from iv2_lightning.use.common import UseError
+    from iv2_lightning.use.embed import embed_main
+
+    ckpt = _stage2_checkpoint(tmp_path / "stage2" / "checkpoints" / "last.ckpt")
+    record = ckpt.with_name(ckpt.name + RECORD_SUFFIX)
+    assert record.is_file() and verify_file(ckpt)[0] == "verified"
+    load_model(ckpt, ContrastiveStage)
+    assert "could not be verified" not in capsys.readouterr().err
+
+    _flip_middle(ckpt)  # same size, 4 KiB changed: torch.load alone would not notice
+    status, message = verify_file(ckpt)
+    assert status == "damaged" and "sha256" in message and "last.ckpt" in message
+    with pytest.raises(UseError, match="is damaged"):
+        load_model(ckpt, ContrastiveStage)
+    videos = make_media(tmp_path / "media", 1, broken=False)
+    assert (
+        embed_main(["--ckpt", str(ckpt), "--videos", str(videos), "--out", str(tmp_path / "i.safetensors")])
+        == 2
+    )
+    assert "is damaged" in capsys.readouterr().err
+    assert export_main([str(ckpt), str(tmp_path / "export")]) == 2
+    assert "is damaged" in capsys.readouterr().err
+    from iv2_lightning.cli import main as iv2_main
+
+    assert (
+        iv2_main(["test", "--config", str(ROOT / "configs/eval/retrieval.yaml"), f"--ckpt_path={ckpt}"]) == 2
+    )
+    assert "is damaged" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"init_from: .*is damaged"):
+        read_state_dict(ckpt)
+    with pytest.raises(DamagedCheckpointError):
+        AtomicCheckpointIO().load_checkpoint(ckpt)
+    assert "is damaged" in checkpoint_problem(ckpt)
+
+    ckpt.write_bytes(ckpt.read_bytes()[:-10])  # cut short: caught by the size before any hashing
+    assert "records" in verify_file(ckpt)[1] and verify_file(ckpt)[0] == "damaged"
+
+    other = _stage2_checkpoint(tmp_path / "other.ckpt")  # a file without a record still loads, noted
+    other.with_name(other.name + RECORD_SUFFIX).unlink()
+    load_model(other, ContrastiveStage)
+    assert "could not be verified" in capsys.readouterr().err
+
+
+def test_resume_passes_over_a_damaged_checkpoint_to_the_newest_intact_one(tmp_path, caplog):
+    from iv2_lightning.files import save_checkpoint_file
+    from iv2_lightning.io import checkpoints_in, newest_readable_checkpoint
+
+    old = save_checkpoint_file(
+        {"state_dict": {"w": torch.ones(4000)}, "global_step": 1}, tmp_path / "epoch=0.ckpt"
+    )
+    new = save_checkpoint_file(
+        {"state_dict": {"w": torch.zeros(4000)}, "global_step": 2}, tmp_path / "last.ckpt"
+    )
+    os.utime(old, ns=(10**18 - 10**9, 10**18 - 10**9))
+    os.utime(new, ns=(10**18, 10**18))
+    _flip_middle(new, 64)
+    with caplog.at_level("WARNING", logger="iv2_lightning.io"):
+        assert newest_readable_checkpoint(checkpoints_in(tmp_path)) == old
+    assert any("last.ckpt is damaged" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("killed", ["before the rename", "after the rename"])
+def test_a_kill_while_a_checkpoint_replaces_another_leaves_a_pair_that_verifies(
+    tmp_path, monkeypatch, killed
+):
+    """The record accepts the old file and the new one until the new one is in place."""
+    import iv2_lightning.files as files
+
+    path = tmp_path / "last.ckpt"
+    files.save_checkpoint_file({"step": torch.tensor(1)}, path)
+
+    class Killed(Exception):
+        pass
+
+    if killed == "before the rename":  # the new record is in place, the checkpoint's rename never happens
+        real_replace = os.replace
+
+        def replace(src, dst):
+            if Path(dst) == path:
+                raise Killed()
+            return real_replace(src, dst)
+
+        monkeypatch.setattr(files.os, "replace", replace)
+    else:
+        real = files.write_file_record
+        calls = []
+
+        def record_then_die(p, digest, previous=None):
+            calls.append(previous)
+            if len(calls) == 2:  # the final record, after the rename
+                raise Killed()
+            return real(p, digest, previous)
+
+        monkeypatch.setattr(files, "write_file_record", record_then_die)
+    with pytest.raises(Killed):
+        files.save_checkpoint_file({"step": torch.tensor(2)}, path)
+    monkeypatch.undo()
+    assert files.verify_file(path)[0] == "verified"
+    record = json.loads(files.record_path(path).read_text())
+    assert "previous" in record  # the kill did fall between the two record writes
+    step = int(files.load_checkpoint_file(path)["step"])
+    assert step == (1 if killed == "before the rename" else 2)

@@ -22,7 +22,13 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from iv2_lightning.files import atomic_path, sha256_file, write_json_atomic
+from iv2_lightning.files import (
+    DamagedCheckpointError,
+    atomic_path,
+    check_file,
+    sha256_file,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +111,10 @@ def read_state_dict(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
             return load_file(str(path)), manifest
         except Exception as err:
             raise ValueError(f"init_from: {path} is not a readable safetensors file ({err})") from err
+    try:
+        check_file(path)  # a damaged checkpoint is refused; one without a record is loaded with a note
+    except DamagedCheckpointError as err:
+        raise ValueError(f"init_from: {err}") from err
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:

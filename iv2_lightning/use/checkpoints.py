@@ -5,7 +5,9 @@
 ``StageTransition`` export folder (the checkpoint next to it: an export holds only the shared modules,
 no projection heads and no language model, and its manifest only the architecture).
 
-:func:`load_model` reads the file with ``torch.load(weights_only=True)``, lets the stage class named in
+:func:`load_model` checks the file against the size and sha256 recorded beside it when it was written
+(a damaged file is refused, naming what differs; a file without a record loads with a note), reads it
+with ``torch.load(weights_only=True)``, lets the stage class named in
 the checkpoint rebuild its torch model from the arguments it recorded (``init_from`` switched off: the
 checkpoint holds every weight) and hands back only that model, in eval mode: the commands drive
 ``VideoTextAligner`` / ``VideoCaptioner``, never the Lightning shell.
@@ -16,12 +18,14 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
+from iv2_lightning.files import verify_file
 from iv2_lightning.models.weights import MANIFEST_FILE
 from iv2_lightning.use.common import UseError
 
@@ -118,6 +122,11 @@ def load_model(path: str | os.PathLike, kind: type) -> LoadedModel:
     load, eval mode). ``kind`` is a stage class such as ``ContrastiveStage``: the checkpoint's own class
     (``kind`` or a subclass) builds the model from its recorded arguments; the shell is dropped."""
     ckpt_path = resolve_checkpoint(path)
+    status, message = verify_file(ckpt_path)
+    if status == "damaged":
+        raise UseError(f"{message}; refusing to use it")
+    if status == "unverified":
+        print(f"note: {message}", file=sys.stderr)
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     except Exception as err:
