@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from iv2_lightning.files import load_checkpoint_file, remove_file_and_record, save_checkpoint_file
 from iv2_lightning.models.backbone import VideoEncoder
 from iv2_lightning.models.official.errors import OfficialCheckpointError, PosEmbedInterpolationWarning
 from iv2_lightning.models.official.load import LoadedCheckpoint, load_checkpoint
@@ -159,11 +160,10 @@ def convert_stage2(
 
 
 def save_stage2(stage, report: Stage2Report, dst: str | os.PathLike) -> Path:
-    """A Lightning-style checkpoint (weights-only readable) that ``iv2 embed/search/test`` load."""
+    """A Lightning-style checkpoint (weights-only readable) that ``iv2 embed/search/test`` load, written
+    atomically with its size+sha256 record (:func:`~iv2_lightning.files.save_checkpoint_file`)."""
     import lightning
 
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     ckpt = {
         "state_dict": {k: v.detach().clone() for k, v in stage.state_dict().items()},
         "hyper_parameters": {**report.hparams, "_class_path": STAGE_CLASS_PATH},
@@ -172,10 +172,8 @@ def save_stage2(stage, report: Stage2Report, dst: str | os.PathLike) -> Path:
         "pytorch-lightning_version": lightning.__version__,
         "iv2_converted_from": report.vision.source,
     }
-    partial = dst.with_name(f".{dst.name}.partial")
-    torch.save(ckpt, partial)
-    os.replace(partial, dst)
-    return dst
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    return save_checkpoint_file(ckpt, dst)
 
 
 def _convert_stage2(args: argparse.Namespace, overrides: dict) -> int:
@@ -210,19 +208,14 @@ def _convert_stage2(args: argparse.Namespace, overrides: dict) -> int:
         if not result.ok:
             print(f"iv2 convert: verification failed; {dst} was not written", file=sys.stderr)
             return 1
-        # the written file must rebuild the same model: load it back as the commands do and compare
-        staging = save_stage2(stage, report, dst.with_name(f".{dst.name}.verify"))
-        try:
-            written = torch.load(staging, map_location="cpu", weights_only=True)["state_dict"]
-            own = stage.state_dict()
-            same = written.keys() == own.keys() and all(torch.equal(written[k], own[k]) for k in own)
-            if not same:
-                print(f"iv2 convert: the written tensors differ; {dst} was not written", file=sys.stderr)
-                return 1
-            os.replace(staging, dst)
-        finally:
-            if staging.exists():
-                staging.unlink()
+        # the written file must hold the verified model: read it back as the commands do and compare
+        save_stage2(stage, report, dst)
+        written = load_checkpoint_file(dst)["state_dict"]
+        own = stage.state_dict()
+        if written.keys() != own.keys() or not all(torch.equal(written[k], own[k]) for k in own):
+            remove_file_and_record(dst)
+            print(f"iv2 convert: the written tensors differ; {dst} was removed", file=sys.stderr)
+            return 1
         print(f"  ok: the written checkpoint holds the {len(own)} tensors of the verified model")
         print(f"wrote {dst}")
         return 0

@@ -73,6 +73,7 @@ def test_cli_writes_a_checkpoint_the_commands_load(tokenizer, tmp_path, capsys):
     assert convert_main(argv) == 0
     out = capsys.readouterr().out
     assert "verification: PASSED" in out and "fusion layers 2..2" in out and dst.is_file()
+    assert dst.with_name(dst.name + ".sha256.json").is_file()  # verified when the commands read it
     loaded = load_model(dst, ContrastiveStage)  # what iv2 embed / search / test do
     model = loaded.model
     assert loaded.stage == "ContrastiveStage" and model.embed_dim == EMBED
