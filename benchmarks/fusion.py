@@ -1,7 +1,7 @@
 """The tiny stage-2 training step with the official BERT fusion beside the gated CMFM.
 
 ``python -m benchmarks.fusion [--rounds 5]`` (from the repository root) builds ``configs/stage2/tiny.yaml``
-twice, as written (``fusion: cmfm``) and with ``configs/stage2/tiny_bert.yaml`` on top (``fusion: bert``),
+twice, as written (``fusion: cmfm``) and with ``configs/stage2/fusion/bert_tiny.yaml`` on top (``fusion: bert``),
 takes the same batch and times the bare step of each (``compute_loss`` + backward + AdamW, no
 Lightning) in alternating rounds, with its FLOPs (CPU SDPA counted from shapes) and MFU against a
 1024^3 fp32 matmul timed in the same rounds. Writes ``benchmarks/results_fusion.json`` and the section
@@ -26,7 +26,7 @@ RESULTS = ROOT / "benchmarks" / "results_fusion.json"
 START, END = "<!-- fusion:start -->", "<!-- fusion:end -->"
 VARIANTS = {
     "cmfm": [],
-    "bert": ["--config", str(ROOT / "configs" / "stage2" / "tiny_bert.yaml")],
+    "bert": ["--config", str(ROOT / "configs" / "stage2" / "fusion" / "bert_tiny.yaml")],
 }
 
 
@@ -96,7 +96,7 @@ def markdown(res: dict) -> str:
         "",
         f"`python -m benchmarks.fusion`, {res['date']}, {res['cpu']}, {res['threads']} threads; fp32 1024³ "
         f"matmul {res['matmul_gflops_fp32']:.0f} GFLOP/s (median of the rounds). Bare step of "
-        "`configs/stage2/tiny.yaml` (CMFM) and of the same with `configs/stage2/tiny_bert.yaml` (BERT fusion), "
+        "`configs/stage2/tiny.yaml` (CMFM) and of the same with `configs/stage2/fusion/bert_tiny.yaml` (BERT fusion), "
         "one batch, alternating rounds; median step time, the range in brackets.",
         "",
         "| fusion | batch | parameters | GFLOP / step | step s | MFU |",

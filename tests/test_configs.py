@@ -92,3 +92,17 @@ def test_wrong_key_or_type_fails_at_parse_time_naming_the_key(arg, match, capsys
     with pytest.raises(SystemExit):
         parse(["--config", str(ROOT / "configs" / "stage1" / "tiny.yaml"), arg])
     assert match in capsys.readouterr().err
+
+
+def test_bert_fusion_fragment_composes_with_the_tiny_stage2_config():
+    cli = parse(
+        [
+            "--config",
+            str(ROOT / "configs/stage2/tiny.yaml"),
+            "--config",
+            str(ROOT / "configs/stage2/fusion/bert_tiny.yaml"),
+        ]
+    )
+    args = cli.config["model"]["init_args"]
+    assert args["fusion"] == "bert" and args["text_model"] == "bert" and args["text"]["fusion_layer"] == 2
+    assert cli.config["data"]["init_args"]["train_size"] == 4096  # the rest is tiny.yaml's
