@@ -51,6 +51,12 @@ class IV2CLI(LightningCLI):
         for key in DATA_TO_MODEL:
             parser.link_arguments(f"data.init_args.{key}", f"model.init_args.{key}")
         parser.link_arguments("data.init_args.modalities", "model.init_args.data_fields", batch_fields_for)
+        parser.add_argument(
+            "--checkpoint_every_n_steps",
+            type=int | None,
+            default=None,
+            help="with --ckpt_path last: also write last.ckpt every N optimizer steps (resumable mid-epoch)",
+        )
 
     def instantiate_trainer(self, **kwargs: Any):
         # the callbacks of the config, copied before the Trainer adds its defaults to the same list
@@ -68,7 +74,8 @@ class IV2CLI(LightningCLI):
                 trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
             folder = self.resume_dir(trainer)
             if not any(isinstance(c, ResumeCheckpoint) or self._dirpath(c) == folder for c in configured):
-                trainer.callbacks.append(ResumeCheckpoint(str(folder)))
+                every = self._get(self.config_init, "checkpoint_every_n_steps", default=None)
+                trainer.callbacks.append(ResumeCheckpoint(str(folder), every_n_train_steps=every))
         return trainer
 
     def _parse_ckpt_path(self) -> None:

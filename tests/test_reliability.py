@@ -166,6 +166,76 @@ def test_iv2_fit_killed_mid_epoch_resumes_to_the_weights_of_an_uninterrupted_run
     assert diff == 0.0
 
 
+def _annotation_config(tmp_path: Path) -> Path:
+    """configs/stage1/tiny.yaml over 16 distinct real mp4 clips listed in an annotation file."""
+    from iv2_lightning.data import write_annotations, write_video
+
+    media = tmp_path / "media"
+    media.mkdir()
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(16):
+        write_video(media / f"clip{i:02d}.mp4", rng.integers(0, 255, (12, 40, 40, 3), dtype=np.uint8), fps=8)
+        rows.append({"video": f"clip{i:02d}.mp4", "caption": f"clip {i}"})
+    cfg = yaml.safe_load((ROOT / "configs" / "stage1" / "tiny.yaml").read_text())
+    cfg["data"] = {
+        "class_path": "iv2_lightning.data.VideoTextDataModule",
+        "init_args": {
+            "train_annotations": str(write_annotations(media / "train.jsonl", rows)),
+            "root": str(media),
+            "num_frames": 8,
+            "image_size": 32,
+            "batch_size": 4,
+            "num_workers": 2,
+            "modalities": [],
+        },
+    }
+    path = tmp_path / "annotations.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data", ["synthetic", "annotations"])
+def test_map_style_data_resumes_mid_epoch_with_workers_to_the_weights_of_an_uninterrupted_run(tmp_path, data):
+    """A checkpoint every step (--checkpoint_every_n_steps 1), SIGKILL in the middle of an epoch, the
+    same command again: it continues at the next batch of that epoch (2 loader workers) and ends
+    bit-identical to a run that was never stopped."""
+    # 4 steps per epoch, a checkpoint after every step; the kill lands within a step of kill_step, so
+    # the newest checkpoint is one of steps kill_step - 1 .. kill_step + 1: all inside an epoch
+    kill_step = random.choice([2, 6, 10])
+    args = [a for a in FIT_ARGS if not a.startswith("--data.init_args.num_workers")]
+    args += ["--checkpoint_every_n_steps=1"]
+    if data == "synthetic":
+        args += ["--data.init_args.num_workers=2"]
+    else:
+        config = _annotation_config(tmp_path)
+        args = [str(config) if a.endswith("stage1/tiny.yaml") else a for a in args]
+        args = [
+            a
+            for a in args
+            if not a.startswith(("--data.init_args.train_size", "--data.init_args.batch_size"))
+        ]
+        args = [a for a in args if not a.startswith("--data.init_args.image_size")]
+    log = tmp_path / "steps.log"
+    runs = {name: [*args, f"--trainer.default_root_dir={tmp_path / name}"] for name in ("whole", "killed")}
+    whole = start_iv2(runs["whole"], child_env(log), tmp_path / "whole.out")
+    victim = start_iv2(runs["killed"], child_env(log), tmp_path / "killed.out")
+    kill_at_step(victim, log, "killed", kill_step)
+    before = steps_in(log, "killed")
+    again = start_iv2(runs["killed"], child_env(log), tmp_path / "killed.out")
+    finish(again, tmp_path / "killed.out")
+    finish(whole, tmp_path / "whole.out")
+    resumed = steps_in(log, "killed")[len(before) :]
+    # resumed inside the epoch it was killed in, from a step checkpoint, and went on to the end
+    assert resumed[0] % 4 != 1 and before[-1] - 1 <= resumed[0] <= before[-1] + 2, (kill_step, before, resumed)
+    assert resumed[-1] == 12
+    diff = assert_same_training_state(
+        tmp_path / "whole" / "checkpoints" / "last.ckpt", tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    )
+    assert diff == 0.0
+
+
 SHORT = [
     "--trainer.num_sanity_val_steps=0",
     "--trainer.enable_progress_bar=false",

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from iv2_lightning.data.batch import MODALITIES, SkippedSample, VideoBatch, VideoCollate, VideoSample
 from iv2_lightning.data.datasets import OnError, SkipLog, VideoTextDataset, collect_skipped
+from iv2_lightning.data.resumable import ResumableLoader
 from iv2_lightning.data.synthetic import SyntheticVideoDataset
 from iv2_lightning.data.synthetic.dataset import check_label
 from iv2_lightning.data.synthetic.text import attribute_prompts, sequence_prompts
@@ -116,6 +117,8 @@ class VideoDataModuleBase(L.LightningDataModule):
         # one log per trainer stage ("train", "validate", "test", "predict"); rows dropped at load go to "train"
         self.skip_logs: dict[str, SkipLog] = defaultdict(SkipLog)
         self.datasets: dict[str, Dataset] = {}
+        self._train_loader: ResumableLoader | None = None
+        self._resume_position: dict[str, int] | None = None
 
     @property
     def batch_fields(self) -> list[str]:
@@ -134,16 +137,50 @@ class VideoDataModuleBase(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         if split not in self.datasets:
             raise RuntimeError(f"{type(self).__name__} has no {split!r} data; set it in the config")
-        return DataLoader(
-            self.datasets[split],
+        kwargs = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
             num_workers=self.num_workers,
             collate_fn=self.collate,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
         )
+        trainer = self.trainer
+        if split == "train" and (trainer is None or trainer.world_size == 1):
+            # resumable mid-epoch (data/resumable.py); under DDP Lightning puts its DistributedSampler
+            # into a plain DataLoader, which resumes exactly from epoch-end checkpoints only
+            loader = ResumableLoader(self.datasets[split], shuffle=shuffle, epoch_fn=self._epoch, **kwargs)
+            if self._resume_position is not None:
+                loader.resume_at(self._resume_position)
+                self._resume_position = None
+            self._train_loader = loader
+            return loader
+        return DataLoader(self.datasets[split], shuffle=shuffle, **kwargs)
+
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the training loader stands when a checkpoint is written in the middle of an epoch
+        (epoch, seed of its order, batches the training loop consumed); nothing at an epoch's end."""
+        trainer, loader = self.trainer, self._train_loader
+        if loader is None or trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        total = trainer.num_training_batches
+        if not 0 < done < total:
+            return {}
+        position = loader.position(done)
+        return {"train_position": position} if position is not None else {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        position = state_dict.get("train_position")
+        if position is None:
+            return
+        if self._train_loader is not None:
+            self._train_loader.resume_at(position)
+        else:
+            self._resume_position = dict(position)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)
