@@ -66,6 +66,18 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def _os_error_in(err: BaseException) -> OSError | None:
+    """The OSError behind ``err`` (itself, or its cause or context: torch's zip writer reports a failed
+    write as a RuntimeError raised while the OSError is handled)."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError):
+            return err
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return None
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path for a writer that takes a file name (``safetensors.torch.save_file``): on
@@ -79,9 +91,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         _fsync_file(tmp)
         os.replace(tmp, path)
         _fsync_dir(path.parent)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        failed = _os_error_in(err)  # a full disk, a file-size limit, a vanished folder: say which file
+        if failed is not None:
+            raise OSError(
+                failed.errno,
+                f"could not write {path} ({failed.strerror or failed}); the file there before, if any, is untouched",
+            ) from err
+        if isinstance(err, Exception):  # e.g. safetensors' own error for a failed write
+            err.add_note(f"while writing {path} (the file there before, if any, is untouched)")
         raise
 
 
@@ -203,7 +223,9 @@ def save_checkpoint_file(obj: Any, path: str | os.PathLike) -> Path:
         old = json.loads(record_path(path).read_text())
         previous = {"size": old["size"], "sha256": old["sha256"]}
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        # through a Python file: a failed write (full disk) surfaces as the OSError it is
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
         digest = file_digest(tmp)
         write_file_record(path, digest, previous)
     write_file_record(path, digest)

@@ -228,7 +228,11 @@ def test_map_style_data_resumes_mid_epoch_with_workers_to_the_weights_of_an_unin
     finish(whole, tmp_path / "whole.out")
     resumed = steps_in(log, "killed")[len(before) :]
     # resumed inside the epoch it was killed in, from a step checkpoint, and went on to the end
-    assert resumed[0] % 4 != 1 and before[-1] - 1 <= resumed[0] <= before[-1] + 2, (kill_step, before, resumed)
+    assert resumed[0] % 4 != 1 and before[-1] - 1 <= resumed[0] <= before[-1] + 2, (
+        kill_step,
+        before,
+        resumed,
+    )
     assert resumed[-1] == 12
     diff = assert_same_training_state(
         tmp_path / "whole" / "checkpoints" / "last.ckpt", tmp_path / "killed" / "checkpoints" / "last.ckpt"
@@ -1058,3 +1062,51 @@ def test_a_kill_while_a_checkpoint_replaces_another_leaves_a_pair_that_verifies(
     assert "previous" in record  # the kill did fall between the two record writes
     step = int(files.load_checkpoint_file(path)["step"])
     assert step == (1 if killed == "before the rename" else 2)
+
+
+# -- a full disk -------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def files_limited_to(max_bytes: int):
+    """Writes past ``max_bytes`` into any file fail part-way (``RLIMIT_FSIZE``: the write returns EFBIG
+    once SIGXFSZ is ignored), as on a full disk; for every writer (torch's C++ zip writer, safetensors'
+    Rust one, Python files) in this process, until the block ends."""
+    import resource
+
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, old_limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+
+
+def test_a_write_that_fails_part_way_leaves_the_previous_checkpoint_and_export_intact(tmp_path):
+    from iv2_lightning.files import save_checkpoint_file, verify_file
+    from iv2_lightning.models.weights import export_problem, export_shared_weights, read_state_dict
+
+    ckpt = save_checkpoint_file(
+        {"state_dict": {"w": torch.ones(1000)}, "global_step": 1}, tmp_path / "last.ckpt"
+    )
+    model = torch.nn.Module()
+    model.video_encoder = torch.nn.Linear(10, 10)
+    export = tmp_path / "export"
+    export_shared_weights(model, export, {"stage": "test"})
+    before = {p.name: p.read_bytes() for p in [ckpt, *export.iterdir()]}
+    bigger = {"state_dict": {"w": torch.ones(200_000)}, "global_step": 2}  # 800 kB, past the limit
+    model.video_encoder = torch.nn.Linear(300, 300)  # 360 kB of weights
+    with files_limited_to(64 * 1024):
+        with pytest.raises(OSError, match=r"could not write .*last\.ckpt .*untouched"):
+            save_checkpoint_file(bigger, ckpt)
+        with pytest.raises(Exception) as err:
+            export_shared_weights(model, export, {"stage": "test"})
+    assert "weights.safetensors" in str(err.value) + " ".join(getattr(err.value, "__notes__", []))
+    # the previous files, byte for byte, still verified and loadable; no partial file left behind
+    assert {p.name: p.read_bytes() for p in [ckpt, *export.iterdir()]} == before
+    assert verify_file(ckpt)[0] == "verified" and int(torch.load(ckpt, weights_only=True)["global_step"]) == 1
+    assert export_problem(export, json.loads((export / "manifest.json").read_text())) is None
+    assert read_state_dict(export)[0]["video_encoder.weight"].shape == (10, 10)
+    assert not [p for p in tmp_path.rglob(".*.partial")]
