@@ -88,3 +88,20 @@ def test_fusion_section_replaces_only_its_own_part_of_the_docs(tmp_path, monkeyp
     text = docs.read_text()
     assert "OLD" not in text and "STAGES" in text and text.startswith("head") and text.endswith("tail\n")
     assert "**1.50x**" in text and "| bert | 32 | 2.50M | 30.0 | 0.450 (0.400–0.500) | 44% |" in text
+
+
+def test_loader_memory_measures_an_epoch_and_writes_its_table():
+    from benchmarks import loader_memory
+
+    run = loader_memory.one_epoch(clips=96, workers=0, cache=False)
+    assert run["clips"] == 96 and run["end_mb"] > 0 and len(run["samples"]) >= 2
+    table = loader_memory.markdown({"date": "d", "cpu": "c", "runs": [run]})
+    assert table.startswith(loader_memory.START) and table.endswith(loader_memory.END)
+    assert f"| off | {run['clips_per_s']:.0f} |" in table
+
+
+def test_synthetic_cache_with_workers_warns_about_memory():
+    from iv2_lightning.data import SyntheticVideoDataModule
+
+    with pytest.warns(UserWarning, match="memory grows through the first epoch"):
+        SyntheticVideoDataModule(num_frames=8, image_size=32, num_workers=2, cache=True)
