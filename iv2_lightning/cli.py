@@ -153,7 +153,38 @@ def lightning_main(argv: list[str]) -> int:
     except UnreadableCheckpointError as err:  # damaged, unsafe or unreadable: one line, exit code 2
         print(f"iv2 {argv[0]}: error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        if not _lost_peer(err):
+            raise
+        rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+        first = str(err).strip().splitlines()[0][:300]
+        print(
+            f"iv2 {argv[0]}: error: rank {rank} lost contact with another process of this run ({first}); it "
+            "stopped instead of waiting for it. Rerun the same command with --ckpt_path last to resume "
+            "from the last checkpoint.",
+            file=sys.stderr,
+        )
+        return 3
     return 0
+
+
+#: what gloo and NCCL say when a peer process of the group has died
+_PEER_LOST = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "remote worker crashing",
+    "NCCL communicator was aborted",
+)
+
+
+def _lost_peer(err: BaseException) -> bool:
+    seen = 0
+    while err is not None and seen < 8:
+        if any(s in str(err) for s in _PEER_LOST):
+            return True
+        err = err.__cause__ or err.__context__
+        seen += 1
+    return False
 
 
 def usage() -> str:

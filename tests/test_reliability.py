@@ -1110,3 +1110,75 @@ def test_a_write_that_fails_part_way_leaves_the_previous_checkpoint_and_export_i
     assert export_problem(export, json.loads((export / "manifest.json").read_text())) is None
     assert read_state_dict(export)[0]["video_encoder.weight"].shape == (10, 10)
     assert not [p for p in tmp_path.rglob(".*.partial")]
+
+
+# -- a lost rank ---------------------------------------------------------------------------------------
+
+DDP_ARGS = [
+    "fit",
+    "--config",
+    str(ROOT / "configs" / "stage1" / "tiny.yaml"),
+    "--trainer.max_epochs=3",
+    "--trainer.limit_val_batches=0",
+    "--trainer.num_sanity_val_steps=0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=false",
+    "--trainer.deterministic=true",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=2",
+    "--trainer.strategy=ddp",
+    "--data.init_args.batch_size=2",
+    "--data.init_args.train_size=16",
+    "--data.init_args.image_size=32",
+    "--data.init_args.num_workers=0",
+    "--trainer.callbacks+=test_reliability.StepMarker",
+    "--ckpt_path=last",
+]
+
+
+def start_ddp(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``python -m iv2_lightning`` (Lightning starts rank 1 by running the same command again)."""
+    out = log.open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "iv2_lightning", *args], env=env, stdout=out, stderr=out, cwd=ROOT
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lost", ["rank 1", "rank 0"])
+def test_a_lost_rank_stops_the_survivor_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path, lost):
+    """2 gloo processes; one is SIGKILLed in the middle of epoch 2: the other stops within seconds
+    with a message saying what happened (no hang), and the same command again resumes from the last
+    epoch-end checkpoint to the weights of an uninterrupted 2-process run."""
+    import psutil
+
+    log = tmp_path / "steps.log"
+    whole = start_ddp(
+        [*DDP_ARGS, f"--trainer.default_root_dir={tmp_path / 'whole'}"],
+        child_env(log),
+        tmp_path / "whole.out",
+    )
+    finish(whole, tmp_path / "whole.out")
+    args = [*DDP_ARGS, f"--trainer.default_root_dir={tmp_path / 'killed'}"]
+    parent = start_ddp(args, child_env(log), tmp_path / "killed.out")
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not [s for s in steps_in(log, "killed") if s >= 6]:
+        time.sleep(0.01)
+    ranks = {"rank 0": psutil.Process(parent.pid), "rank 1": psutil.Process(parent.pid).children()[0]}
+    ranks[lost].send_signal(signal.SIGKILL)
+    t0 = time.monotonic()
+    if lost == "rank 1":  # the survivor is our own child: its exit code is ours to read
+        assert parent.wait(timeout=120) == 3  # a hang would fail here
+    else:
+        ranks["rank 1"].wait(timeout=120)
+    stopped_after = time.monotonic() - t0
+    out = (tmp_path / "killed.out").read_text()
+    assert "lost contact with another process of this run" in out and "--ckpt_path last" in out
+    assert stopped_after < 60, stopped_after
+    again = start_ddp(args, child_env(log), tmp_path / "again.out")
+    finish(again, tmp_path / "again.out")
+    diff = assert_same_training_state(
+        tmp_path / "whole" / "checkpoints" / "last.ckpt", tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    )
+    assert diff == 0.0
