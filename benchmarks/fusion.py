@@ -19,37 +19,17 @@ import torch
 
 from benchmarks.config import ROOT
 from benchmarks.measure import count_flops, cpu_name, log, matmul_rate
-from benchmarks.stages import write_docs
-from benchmarks.workloads import stage_step
+from benchmarks.stages import config_step, write_docs
 
 RESULTS = ROOT / "benchmarks" / "results_fusion.json"
 START, END = "<!-- fusion:start -->", "<!-- fusion:end -->"
 VARIANTS = {
-    "cmfm": [],
-    "bert": ["--config", str(ROOT / "configs" / "stage2" / "fusion" / "bert_tiny.yaml")],
+    "cmfm": [ROOT / "configs" / "stage2" / "tiny.yaml"],
+    "bert": [
+        ROOT / "configs" / "stage2" / "tiny.yaml",
+        ROOT / "configs" / "stage2" / "fusion" / "bert_tiny.yaml",
+    ],
 }
-
-
-def build_step(extra: list[str]):
-    from iv2_lightning.lightning_cli import make_cli
-
-    torch.manual_seed(0)
-    args = [
-        "--config",
-        str(ROOT / "configs" / "stage2" / "tiny.yaml"),
-        *extra,
-        "--data.init_args.train_size",
-        "64",
-    ]
-    cli = make_cli(args, run=False)
-    model, dm = cli.model, cli.datamodule
-    dm.setup("fit")
-    batch = next(iter(dm.train_dataloader()))
-    opt = model.configure_optimizers()
-    opt = opt["optimizer"] if isinstance(opt, dict) else opt
-    model.train()
-    params = sum(p.numel() for p in model.model.parameters())
-    return stage_step(model, opt, batch), len(batch), params
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -60,12 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     steps, res = {}, {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": cpu_name()}
     res["threads"], res["variants"] = args.threads, {}
-    for name, extra in VARIANTS.items():
-        step, batch, params = build_step(extra)
+    for name, configs in VARIANTS.items():
+        step, batch, stage = config_step(configs)
+        params = sum(p.numel() for p in stage.model.parameters())
         step()
         steps[name] = step
         res["variants"][name] = {
-            "batch": batch,
+            "batch": len(batch),
             "params": params,
             "gflop": count_flops(step) / 1e9,
             "times": [],

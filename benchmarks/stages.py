@@ -101,12 +101,13 @@ def run_fits(baseline: Path, full: bool, rounds: int, threads: int, stages: tupl
     return res
 
 
-def step_mfu(stage: str, threads: int, reps: int = 5) -> dict:
-    """FLOPs, time and MFU of the bare step of ``configs/<stage>/tiny.yaml`` (one batch, no Lightning)."""
+def config_step(configs: list[Path]):
+    """``(step, batch, stage)``: the bare training step (``compute_loss`` + backward + AdamW, no
+    Lightning) of the stage the ``configs`` build (the CLI's links included), on their first batch."""
     from iv2_lightning.lightning_cli import make_cli
 
     torch.manual_seed(0)
-    args = ["--config", str(ROOT / "configs" / stage / "tiny.yaml"), "--data.init_args.train_size", "64"]
+    args = [a for c in configs for a in ("--config", str(c))] + ["--data.init_args.train_size", "64"]
     cli = make_cli(args, run=False)
     model, dm = cli.model, cli.datamodule
     dm.setup("fit")
@@ -114,7 +115,12 @@ def step_mfu(stage: str, threads: int, reps: int = 5) -> dict:
     opt = model.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     model.train()
-    step = stage_step(model, opt, batch)
+    return stage_step(model, opt, batch), batch, model
+
+
+def step_mfu(stage: str, threads: int, reps: int = 5) -> dict:
+    """FLOPs, time and MFU of the bare step of ``configs/<stage>/tiny.yaml`` (one batch, no Lightning)."""
+    step, batch, _ = config_step([ROOT / "configs" / stage / "tiny.yaml"])
     step()
     flops = count_flops(step)
     times, rates = [], []

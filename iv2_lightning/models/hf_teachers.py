@@ -82,7 +82,22 @@ def _frozen(model: nn.Module) -> nn.Module:
     return model
 
 
-class HFImageTeacher(nn.Module):
+class _FrameInput(nn.Module):
+    """What both teachers do with a clip first: ``[B, C, T, H, W]`` → frames ``[B*T, C, S, S]`` in the
+    teacher's own pixel statistics and resolution ``S``."""
+
+    image_size: int
+    renorm: _Renormalise
+
+    def frames(self, video: torch.Tensor) -> torch.Tensor:
+        if video.ndim != 5:
+            raise ValueError(f"video must be [B, C, T, H, W]; got shape {tuple(video.shape)}")
+        b, c, t = video.shape[:3]
+        frames = video.transpose(1, 2).reshape(b * t, c, *video.shape[3:])
+        return _resize(self.renorm(frames), self.image_size)
+
+
+class HFImageTeacher(_FrameInput):
     """A CLIP-style image model from a local folder, run on every frame of a clip.
 
     ``tokens``: ``[B, 1 + T * h * w, D]`` (the class token averaged over the frames first, then each
@@ -118,12 +133,8 @@ class HFImageTeacher(nn.Module):
         self.renorm = _Renormalise(mean, std, data_mean, data_std)
 
     def forward(self, video: torch.Tensor, return_hidden: int = 0) -> TeacherOutput:
-        if video.ndim != 5:
-            raise ValueError(f"video must be [B, C, T, H, W]; got shape {tuple(video.shape)}")
-        b, c, t = video.shape[:3]
-        frames = _resize(
-            self.renorm(video.transpose(1, 2).reshape(b * t, c, *video.shape[3:])), self.image_size
-        )
+        frames = self.frames(video)
+        b, t = video.shape[0], video.shape[2]
         out = self.model(pixel_values=frames, output_hidden_states=True, output_attentions=True)
         side = self.image_size // self.patch_size
 
@@ -150,7 +161,7 @@ class HFImageTeacher(nn.Module):
         )
 
 
-class HFVideoTeacher(nn.Module):
+class HFVideoTeacher(_FrameInput):
     """``VideoMAEModel`` from a local folder: ``tokens`` / ``hidden_states`` ``[B, N, D]`` (no class
     token; ``num_prefix`` 0), ``pooled`` their mean, ``grid`` ``(T / tubelet, h, w)``. It takes the
     clip as given: with ``MaskedVideoModel(frame_stride=2)`` that is twice the student's frames."""
@@ -172,8 +183,7 @@ class HFVideoTeacher(nn.Module):
         self.renorm = _Renormalise(mean, std, data_mean, data_std)
 
     def forward(self, video: torch.Tensor, return_hidden: int = 0) -> TeacherOutput:
-        if video.ndim != 5:
-            raise ValueError(f"video must be [B, C, T, H, W]; got shape {tuple(video.shape)}")
+        frames = self.frames(video)
         b, c, t = video.shape[:3]
         if t != self.num_frames:
             raise ValueError(
@@ -181,9 +191,6 @@ class HFVideoTeacher(nn.Module):
                 f"table); the clip has {t}: give the data {self.num_frames} frames (with frame_stride=2 the "
                 "student sees every other one)"
             )
-        frames = _resize(
-            self.renorm(video.transpose(1, 2).reshape(b * t, c, *video.shape[3:])), self.image_size
-        )
         out = self.model(
             pixel_values=frames.reshape(b, t, c, self.image_size, self.image_size), output_hidden_states=True
         )
