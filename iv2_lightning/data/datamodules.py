@@ -147,9 +147,13 @@ class VideoDataModuleBase(L.LightningDataModule):
             drop_last=shuffle and len(self.datasets[split]) > self.batch_size,
         )
         trainer = self.trainer
-        if split == "train" and (trainer is None or trainer.world_size == 1):
-            # resumable mid-epoch (data/resumable.py); under DDP Lightning puts its DistributedSampler
-            # into a plain DataLoader, which resumes exactly from epoch-end checkpoints only
+        distributed = trainer is not None and (
+            trainer.world_size > 1 or getattr(trainer._accelerator_connector, "is_distributed", False)
+        )
+        if split == "train" and not distributed:
+            # resumable mid-epoch (data/resumable.py); under a distributed strategy (DDP, DeepSpeed, even
+            # on one device) Lightning puts its DistributedSampler into a plain DataLoader, which
+            # resumes exactly from epoch-end checkpoints only
             loader = ResumableLoader(self.datasets[split], shuffle=shuffle, epoch_fn=self._epoch, **kwargs)
             if self._resume_position is not None:
                 loader.resume_at(self._resume_position)
