@@ -40,8 +40,10 @@ def test_uninterrupted_order_is_the_plain_shuffled_loaders():
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resumes_mid_epoch_with_the_rest_of_the_same_batches_and_the_epoch_in_every_worker(workers):
-    kw = dict(num_workers=workers, persistent_workers=workers > 0, drop_last=True)
-    if workers:  # fresh worker processes: a fork of the test process can inherit a held lock and hang
+    # spawned, not persistent workers: nothing of them outlives the test (a worker process or queue
+    # thread left alive in the test process made a later test's forked loader worker hang in CI)
+    kw = dict(num_workers=workers, persistent_workers=False, drop_last=True)
+    if workers:
         kw["multiprocessing_context"] = "spawn"
     epochs = iter([0, 1, 1])
     torch.manual_seed(0)
