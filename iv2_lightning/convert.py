@@ -24,6 +24,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -137,23 +138,12 @@ def convert_main(argv: list[str] | None = None) -> int:
     return _write_verified(encoder, loaded, dst)
 
 
-def convert_stage2(
-    source,
-    tokenizer: str,
-    num_frames: int = 8,
-    image_size: int = 224,
-    preset: str | None = None,
-    source_frames: int | None = None,
-    text_heads: int | None = None,
-    overrides: dict | None = None,
-):
+def convert_stage2(source, tokenizer: str, *args: Any, **kwargs: Any):
     """``(stage, loaded, report)``: a ContrastiveStage (eval mode) holding every tensor of the official
-    stage-2 checkpoint ``source`` (see :mod:`iv2_lightning.models.official.stage2`)."""
+    stage-2 checkpoint ``source``; the other arguments are :func:`read_stage2`'s."""
     from iv2_lightning.stages.contrastive import ContrastiveStage
 
-    encoder, loaded, report = read_stage2(
-        source, tokenizer, num_frames, image_size, preset, source_frames, text_heads, overrides
-    )
+    encoder, loaded, report = read_stage2(source, tokenizer, *args, **kwargs)
     stage = ContrastiveStage(**report.hparams)
     load_stage2(stage.model, encoder, report)
     return stage.eval(), loaded, report

@@ -148,6 +148,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 
 RECORD_SUFFIX = ".sha256.json"
 _noted_unverified: set[str] = set()
+_digests: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> sha256, see verify_file
 
 
 def record_path(path: str | os.PathLike) -> Path:
@@ -187,13 +188,17 @@ def verify_file(path: str | os.PathLike) -> tuple[str, str]:
         accepted = [(int(r["size"]), str(r["sha256"])) for r in accepted]
     except (ValueError, KeyError, TypeError, OSError) as err:
         return "unverified", f"{rp} is not a readable record ({err}): {path} could not be verified"
-    size = path.stat().st_size
+    stat = path.stat()
+    size = stat.st_size
     if not any(size == s for s, _ in accepted):
         return "damaged", (
             f"{path} is damaged: {size} bytes, but {rp.name} records {accepted[0][0]} bytes written "
             "(cut short or changed after it was written)"
         )
-    digest = sha256_file(path)
+    # one hash per file version: resuming, LightningCLI and the checkpoint loader each check the same file
+    key = (str(path.resolve()), size, stat.st_mtime_ns)
+    digest = _digests.get(key) or sha256_file(path)
+    _digests[key] = digest
     if any(size == s and digest == h for s, h in accepted):
         return "verified", f"{path}: size and sha256 match {rp.name}"
     return "damaged", (

@@ -111,7 +111,9 @@ class ResumableLoader(DataLoader):
         if pending is not None:
             # the first iteration after a restore is the interrupted epoch (Lightning creates the
             # iterator before it restores the loop counters, so the trainer's epoch is not known yet)
-            self.resumable_sampler.begin(pending["epoch"], pending["batches"] * self.batch_size, pending["seed"])
+            self.resumable_sampler.begin(
+                pending["epoch"], pending["batches"] * self.batch_size, pending["seed"]
+            )
             self._iterations = pending["epoch"] + 1
         else:
             self.resumable_sampler.begin(epoch)

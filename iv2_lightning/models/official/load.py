@@ -100,6 +100,7 @@ class LoadedCheckpoint:
     sub: dict[str, torch.Tensor]
     arch: dict[str, Any]
     report: ConversionReport
+    outside: dict[str, torch.Tensor] = field(default_factory=dict)  # the file's tensors not under the prefix
 
 
 def load_checkpoint(
@@ -159,7 +160,8 @@ def load_checkpoint(
     if classifier:
         report.classifier = build_classifier(classifier, name)
     encoder = _materialise(meta_enc, cfg, loaded, report.missing)
-    return encoder.eval(), LoadedCheckpoint(sub=sub, arch=arch, report=report)
+    outside = {k: v for k, v in tensors.items() if not k.startswith(prefix)}
+    return encoder.eval(), LoadedCheckpoint(sub=sub, arch=arch, report=report, outside=outside)
 
 
 def _map_pos_embed(

@@ -174,7 +174,7 @@ def read_stage2(
         source, preset, num_frames, image_size, source_frames, True, dict(overrides or {})
     )
     name = loaded.report.source
-    outside = _outside_tensors(source, loaded)
+    outside = loaded.outside
     text = {k[len(TEXT_PREFIX) :]: v for k, v in outside.items() if k.startswith(TEXT_PREFIX)}
     bert = infer_bert(text, name, text_heads)
     for needed in ("vision_proj.weight", "text_proj.weight", "temp"):
@@ -239,19 +239,6 @@ def load_stage2(model: torch.nn.Module, encoder: torch.nn.Module, report: Stage2
     for k in list(report.vision.unmapped):  # the vision report lists them as outside its encoder
         if k in report.mapped or k in report.unmapped:
             del report.vision.unmapped[k]
-
-
-def _outside_tensors(
-    source: str | os.PathLike | Mapping[str, Any], loaded: LoadedCheckpoint
-) -> dict[str, torch.Tensor]:
-    """Every tensor of the file outside the vision encoder (read again: the loader kept only its own)."""
-    from iv2_lightning.models.official.layouts import unwrap
-    from iv2_lightning.models.official.read import read_checkpoint
-
-    name, obj, _ = read_checkpoint(source)
-    tensors, _ = unwrap(obj, name)
-    prefix = loaded.report.prefix
-    return {k: v for k, v in tensors.items() if not k.startswith(prefix)}
 
 
 @dataclass
