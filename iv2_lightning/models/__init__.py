@@ -18,6 +18,7 @@ from iv2_lightning.models.backbone import (
     count_parameters,
     preset_config,
 )
+from iv2_lightning.models.beats import BEATsConfig, BEATsEncoder
 from iv2_lightning.models.captioner import CaptionerOutput, VideoCaptioner, dialogue_prompt_ids
 from iv2_lightning.models.classifier import VideoClassifier
 from iv2_lightning.models.distributed import gather_no_grad, gather_with_grad
@@ -65,6 +66,8 @@ __all__ = [
     "AttentionPool",
     "AudioEncoder",
     "AudioOutput",
+    "BEATsConfig",
+    "BEATsEncoder",
     "Block",
     "ByteTokenizer",
     "CaptionerOutput",

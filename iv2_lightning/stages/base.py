@@ -247,12 +247,47 @@ class BaseStage(L.LightningModule, abc.ABC):
         return TextEncoder(**cfg)
 
     def build_audio_encoder(self, config: dict[str, Any] | None = None) -> nn.Module:
-        """An :class:`AudioEncoder`; its ``max_frames`` follows the data's ``max_audio_frames`` unless
-        ``config`` sets it."""
+        """The audio encoder ``config`` describes; its ``max_frames`` follows the data's
+        ``max_audio_frames`` unless ``config`` sets it.
+
+        ``encoder: patch`` (default): our trainable :class:`AudioEncoder` (the other keys are its
+        arguments). ``encoder: beats``: InternVideo2's :class:`~iv2_lightning.models.beats.BEATsEncoder`,
+        from ``checkpoint`` (a released BEATs ``.pt``) or randomly from ``preset`` (``beats-iter3``,
+        ``tiny``); ``frozen`` (default true, as the official ``freeze_audio``); any other key is a
+        ``BEATsConfig`` field (e.g. ``num_mel_bins: 64``, InternVideo2's loader)."""
         cfg = dict(config or {})
         if self.max_audio_frames is not None:
             cfg.setdefault("max_frames", self.max_audio_frames)
-        return AudioEncoder(**cfg)
+        kind = cfg.pop("encoder", "patch")
+        if kind == "patch":
+            return AudioEncoder(**cfg)
+        if kind != "beats":
+            raise ValueError(f"model.init_args.audio.encoder must be 'patch' or 'beats'; got {kind!r}")
+        from iv2_lightning.models.beats import BEATS_PRESETS, BEATsConfig, BEATsEncoder
+
+        checkpoint, preset = cfg.pop("checkpoint", None), cfg.pop("preset", None)
+        frozen, max_frames = bool(cfg.pop("frozen", True)), cfg.pop("max_frames", None)
+        if checkpoint is not None:
+            if preset is not None:
+                raise ValueError("model.init_args.audio: give a BEATs checkpoint or a preset, not both")
+            model, report = BEATsEncoder.from_checkpoint(
+                checkpoint, frozen=frozen, max_frames=max_frames, **cfg
+            )
+            log.info(
+                "BEATs from %s: %d tensors loaded, unused %s", checkpoint, len(report.loaded), report.unused
+            )
+            return model
+        base = preset or "beats-iter3"
+        if base not in BEATS_PRESETS:
+            raise ValueError(
+                f"model.init_args.audio.preset: unknown BEATs preset {base!r}; known: {sorted(BEATS_PRESETS)}"
+            )
+        values = {**asdict(BEATS_PRESETS[base]), **cfg}
+        return BEATsEncoder(
+            BEATsConfig.from_dict(values, source="model.init_args.audio"),
+            frozen=frozen,
+            max_frames=max_frames,
+        )
 
     def hparams_for(self, model_class: type, **given: Any) -> dict[str, Any]:
         """``model_class``'s constructor arguments: ``given`` ones, and the rest this stage recorded

@@ -31,7 +31,12 @@ def _convert(sd, tokenizer):
 
 
 def test_every_tensor_is_accounted_for_and_the_equations_match(tokenizer):
-    sd = make_stage2(with_audio=True)
+    from test_beats import CFG, official_state
+
+    from iv2_lightning.models.beats import BEATsConfig, BEATsEncoder
+
+    beats = {"audio_encoder." + k: v for k, v in official_state(CFG).items()}  # the 6B file's BEATs
+    sd = {**make_stage2(with_audio=True), **beats}
     stage, loaded, report = _convert(sd, tokenizer)
     bert = report.bert
     assert bert["fusion_layer"] == FUSION and bert["config"]["num_hidden_layers"] == LAYERS
@@ -40,7 +45,10 @@ def test_every_tensor_is_accounted_for_and_the_equations_match(tokenizer):
     # every tensor of the file is mapped or reported with a reason
     assert set(sd) == vision | set(report.mapped) | set(report.unmapped)
     assert report.mapped["text_encoder.cls.predictions.decoder.weight"].startswith("tied: ")
-    assert "not converted yet" in report.unmapped["audio_proj.weight"]
+    assert "audio-visual head of the 6B model" in report.unmapped["audio_proj.weight"]
+    assert all(report.unmapped[k].startswith("BEATs: load with BEATsEncoder.load_beats_state") for k in beats)
+    audio = BEATsEncoder(BEATsConfig.from_official(CFG, num_mel_bins=64))
+    assert audio.load_beats_state({k: sd[k] for k in beats}).missing == []
     assert stage.model.fusion_kind == "bert" and stage.model.loss_weights["vtm"] == 1.0
     assert float(stage.model.contrastive.temp) == pytest.approx(0.0523)
     result = verify_stage2(stage.model, loaded, report)

@@ -9,8 +9,11 @@ and ``temp``. :func:`read_stage2` reads them and the ContrastiveStage arguments 
 :func:`load_stage2` maps every tensor into the aligner built with
 ``text_model: bert``, ``fusion: bert`` and the official loss weights (vtc = vtm = mlm = 1, the 1B
 ``scripts/pretraining/stage2/1B/config.py``), so ``iv2 embed``, ``iv2 search`` and ``iv2 test`` load the
-result as they load a checkpoint of our own. The 6B file's audio side (BEATs, ``audio_proj``,
-``av_fusion``) is reported as not converted.
+result as they load a checkpoint of our own. The 6B file's audio side is reported as not converted:
+its BEATs (``audio_encoder.*``) loads into :class:`~iv2_lightning.models.beats.BEATsEncoder` on its own,
+but the 6B model also projects the video and audio tokens before the fusion layers
+(``av_concat_vision_proj``, ``av_concat_audio_proj``) and fuses the two embeddings for the
+audio-visual terms (``av_fusion``, ``avtm_head``), which our aligner does not have.
 
 :func:`verify_stage2` checks the converted model against
 :mod:`~iv2_lightning.models.official.reference_text` (the official equations on the file's own tensors):
@@ -232,7 +235,9 @@ def load_stage2(model: torch.nn.Module, encoder: torch.nn.Module, report: Stage2
             continue
         if k.startswith(_AUDIO):
             report.unmapped[k] = (
-                "audio side of the 6B model (BEATs, audio_proj, av_fusion): not converted yet"
+                "BEATs: load with BEATsEncoder.load_beats_state (it strips 'audio_encoder.')"
+                if k.startswith("audio_encoder.")
+                else "audio-visual head of the 6B model (audio_proj, av_concat_*, av_fusion): not converted"
             )
         elif k not in ("itm_head.weight", "itm_head.bias"):
             report.unmapped[k] = "not part of the stage-2 model we rebuild"
