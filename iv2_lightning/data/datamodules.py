@@ -317,6 +317,8 @@ class VideoTextDataModule(VideoDataModuleBase):
     :meth:`class_prompts` puts each name into every ``prompt_templates`` entry (each holds ``{}``
     where the name goes; default :data:`DEFAULT_PROMPT_TEMPLATES`, ``["{}", "a video of {}"]``).
     Without ``label_names`` there are no class prompts, and ``prompt_templates`` is refused.
+    ``num_mel_bins``: mel bins of the kaldi fbank (128, as BEATs was pretrained; InternVideo2's
+    audio loader uses 64, ``dataset/av_utils.py``).
     """
 
     def __init__(
@@ -344,6 +346,7 @@ class VideoTextDataModule(VideoDataModuleBase):
         seed: int = 0,
         label_names: list[str] | None = None,
         prompt_templates: list[str] | None = None,
+        num_mel_bins: int = 128,
     ) -> None:
         super().__init__(
             num_frames=num_frames,
@@ -382,6 +385,9 @@ class VideoTextDataModule(VideoDataModuleBase):
         self.train_crop_scale = train_crop_scale
         self.flip = flip
         self.seed = seed
+        if isinstance(num_mel_bins, bool) or num_mel_bins < 1:
+            raise ValueError(f"num_mel_bins must be an integer >= 1; got {num_mel_bins!r}")
+        self.num_mel_bins = num_mel_bins
 
     def class_prompts(self) -> dict[str, list[str]] | None:
         """Each of ``label_names`` in every prompt template, in label order (None without names)."""
@@ -412,6 +418,7 @@ class VideoTextDataModule(VideoDataModuleBase):
                     seed=self.seed,
                     max_audio_frames=self.max_audio_frames,
                     label_names=self.label_names,
+                    num_mel_bins=self.num_mel_bins,
                 )
                 self.skip_logs[STAGE_OF_SPLIT[split]].add_rows(ds.row_errors)
                 self.datasets[split] = ds

@@ -84,6 +84,7 @@ class VideoTextDataset(Dataset):
         seed: int = 0,
         max_audio_frames: int | None = None,
         label_names: list[str] | None = None,
+        num_mel_bins: int = 128,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ValueError(f"on_error must be 'skip' or 'raise'; got {on_error!r}")
@@ -117,6 +118,7 @@ class VideoTextDataset(Dataset):
         self.max_consecutive_errors = max_consecutive_errors
         self.seed = seed
         self.max_audio_frames = max_audio_frames
+        self.num_mel_bins = num_mel_bins
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -151,6 +153,7 @@ class VideoTextDataset(Dataset):
             audio="audio" in self.modalities,
             rng=rng,
             max_audio_frames=self.max_audio_frames,
+            num_mel_bins=self.num_mel_bins,
         )
         video = self.transform(clip.video, rng)
         return VideoSample(

@@ -107,6 +107,15 @@ def test_synth_files_read_back_through_video_text_datamodule(synth_dir):
         assert by_path[m["path"]]["label"] == label
         assert m["skipped"] == []
         assert m["frame_times"] == sorted(m["frame_times"]) and len(m["frame_times"]) == 4
+    # InternVideo2's audio loader uses 64 mel bins (configs/stage2/6b.yaml)
+    dm64 = VideoTextDataModule(
+        train_annotations=str(synth_dir / "annotations.jsonl"), num_frames=4, image_size=32, batch_size=3,
+        modalities=["audio"], num_mel_bins=64,
+    )  # fmt: skip
+    dm64.setup("fit")
+    assert next(iter(dm64.train_dataloader())).audio.shape[-1] == 64
+    with pytest.raises(ValueError, match="num_mel_bins must be an integer >= 1; got 0"):
+        VideoTextDataModule(train_annotations="a.jsonl", num_mel_bins=0)
 
 
 def test_batch_fields_are_the_video_and_the_modalities_a_batch_carries():
