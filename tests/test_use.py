@@ -420,6 +420,33 @@ def test_iv2_test_zeroshot_on_long_clips_and_probe(trained, tmp_path):
     assert 0 <= results["metrics"]["acc"] <= 1
 
 
+def test_embed_uses_the_trained_hte_of_a_checkpoint(trained, tmp_path):
+    """A stage-2 checkpoint trained with ``temporal`` (configs/stage2/tiny_hte.yaml): ``iv2 embed``
+    embeds a long clip through its HTE, not as the mean of its windows."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ckpt = _train("configs/stage2/tiny_hte.yaml", tmp_path / "hte", "--data.init_args.val_size=0")
+    finally:
+        torch.set_num_threads(threads)
+    model = load_model(ckpt, ContrastiveStage).model
+    assert model.temporal_encoder is not None and model.temporal_encoder.window == 8
+    out = tmp_path / "hte.safetensors"
+    ann = trained["clips"] / "annotations.jsonl"
+    assert (
+        embed_main(["--ckpt", str(ckpt), "--videos", str(ann), "--out", str(out), "--num-frames", "16"]) == 0
+    )
+    index = EmbeddingIndex.load(out)
+    path = next(it.key for it in list_videos(ann))
+    video = load_video(path, 16, 32)[None]
+    with torch.no_grad():
+        hte = model.temporal_encoder(video).embedding
+    through_hte = torch.nn.functional.normalize(model.video_proj(hte), dim=-1)[0]
+    window_mean = torch.nn.functional.normalize(index.windows[0].mean(dim=0), dim=-1)
+    assert torch.allclose(index.embeddings[0], through_hte, atol=1e-5)
+    assert (index.embeddings[0] - window_mean).abs().max() > 1e-3
+
+
 def test_long_clips_are_evaluated_in_windows_of_the_checkpoint_frames(trained, stage2):
     """What `iv2 test --data.init_args.num_frames 16` builds from an 8-frame checkpoint: the CLI links
     16 frames into the stage, loading the checkpoint puts the encoder back to 8, and the

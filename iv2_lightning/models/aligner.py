@@ -29,8 +29,11 @@ What this model follows from the official stage-2 recipe (OpenGVLab/InternVideo,
 * Clips longer than the encoder's training frames are cut into windows of that many frames (as
   :class:`~iv2_lightning.models.temporal.HierarchicalTemporalEncoder` splits them); each window goes
   through the encoder on its own and the clip embedding is the normalised mean of the normalised
-  window embeddings (no stage trains the HTE's temporal transformer, so its own ``embedding`` would be
-  untrained); :meth:`VideoTextAligner.encode_video_windows` returns the window embeddings too.
+  window embeddings; :meth:`VideoTextAligner.encode_video_windows` returns the window embeddings too.
+  With ``temporal`` (:class:`~iv2_lightning.models.temporal.HierarchicalTemporalEncoder` arguments),
+  a long clip's embedding is instead ``video_proj`` of the HTE's clip embedding: its attention pool
+  and temporal transformer read the windows (encoded once, as above) in order, and contrast with the
+  caption train them, so a caption that says in which order things happen can find its clip.
 
 Rows whose modality is absent are masked out of every term; a term is skipped (absent from
 ``terms``) when fewer than two rows of the whole, gathered, batch have its modalities. The layout
@@ -226,6 +229,7 @@ class VideoTextAligner(nn.Module):
         text_pooling: Literal["cls", "mean"] = "mean",
         video_mask_ratio: float = 0.5,
         gather_distributed: bool = True,
+        temporal: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         weights = {"vtc": vtc, "atc": atc, "vac": vac, "vsc": vsc, "avtc": avtc, "vtm": vtm, "mlm": mlm}
@@ -242,6 +246,18 @@ class VideoTextAligner(nn.Module):
         self.text_encoder = text_encoder
         self.audio_encoder = audio_encoder if use_audio else None
         self.video_proj = ProjectionHead(video_encoder.embed_out_dim, embed_dim)
+        # the HTE over long clips (optional): its clip embedding has the encoder's pooled width, so the
+        # same video_proj maps a window and a whole long clip into the shared space
+        self.temporal_encoder: HierarchicalTemporalEncoder | None = None
+        if temporal is not None:
+            given = dict(temporal)
+            if given.get("out_dim", video_encoder.embed_out_dim) != video_encoder.embed_out_dim:
+                raise ValueError(
+                    f"temporal.out_dim must be the encoder's pooled width {video_encoder.embed_out_dim} "
+                    f"(video_proj reads it); got {given['out_dim']}"
+                )
+            given.pop("own_encoder", None)
+            self.temporal_encoder = HierarchicalTemporalEncoder(video_encoder, own_encoder=False, **given)
         self.text_proj = ProjectionHead(text_encoder.dim, embed_dim)
         self.audio_proj = ProjectionHead(audio_encoder.dim, embed_dim) if use_audio else None
         self.av_fusion = nn.Linear(2 * embed_dim, embed_dim) if avtc > 0 else None
@@ -336,6 +352,8 @@ class VideoTextAligner(nn.Module):
         """Swap the video encoder (e.g. rebuilt for another frame count); forgets the window splitters."""
         self.video_encoder = encoder
         self._splitters.clear()
+        if self.temporal_encoder is not None:  # it holds the encoder as a plain attribute, not a submodule
+            object.__setattr__(self.temporal_encoder, "encoder", encoder)
 
     # -- encoders ------------------------------------------------------------------------------
 
@@ -365,28 +383,42 @@ class VideoTextAligner(nn.Module):
                 )
         return self._splitters[window]
 
+    def _uses_hte(self, window: int | None) -> bool:
+        t = self.temporal_encoder
+        return t is not None and (window or self.video_encoder.num_frames) == t.window
+
     def _windowed(
         self, video: torch.Tensor, window: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Windows of ``window`` frames (the HTE's split: the tail padded with the last frame) through
         the encoder (token-masked in training, as whole clips are): (window embeddings ``[B, W, E]``
-        normalised, ``window_mask [B, W]``, tokens ``[B, W * L, D]``, token mask ``[B, W * L]``)."""
+        normalised, ``window_mask [B, W]``, tokens ``[B, W * L, D]``, token mask ``[B, W * L]``, clip
+        embedding ``[B, E]`` not normalised: ``video_proj`` of the trained HTE's clip embedding when
+        the aligner has one for this window, else the mean of the window embeddings)."""
         splitter = self._window_splitter(window or self.video_encoder.num_frames)
         windows, window_mask = splitter.split_windows(video)
         b, w = window_mask.shape
         out = self.video_encoder(windows, self._video_mask(windows))
         emb = F.normalize(self.video_proj(out.pooled).float(), dim=-1).reshape(b, w, -1)
         tokens = out.tokens.reshape(b, w * out.tokens.shape[1], -1)
-        return emb, window_mask, tokens, window_mask.repeat_interleave(out.tokens.shape[1], dim=1)
+        if self._uses_hte(window):
+            hte = self.temporal_encoder
+            clip = self.video_proj(
+                hte.aggregate_windows(hte.reduce(out.tokens), out.pooled, window_mask).embedding
+            )
+        else:
+            clip = masked_mean(emb, window_mask)
+        return emb, window_mask, tokens, window_mask.repeat_interleave(out.tokens.shape[1], dim=1), clip
 
     def encode_video_windows(
         self, video: torch.Tensor, window: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(clip ``[B, E]``, windows ``[B, W, E]``, ``window_mask [B, W]``): the L2-normalised
         embedding of every window of ``window`` frames (default: the encoder's training frames) and
-        the normalised mean of a clip's windows. ``T`` need not be a multiple of ``window``."""
-        emb, window_mask, _, _ = self._windowed(video, window)
-        return F.normalize(masked_mean(emb, window_mask), dim=-1), emb, window_mask
+        of the clip: through the trained HTE when the aligner has one for this window, else the
+        normalised mean of its windows. ``T`` need not be a multiple of ``window``."""
+        emb, window_mask, _, _, clip = self._windowed(video, window)
+        return F.normalize(clip.float(), dim=-1), emb, window_mask
 
     def encode_text(
         self,
@@ -471,8 +503,7 @@ class VideoTextAligner(nn.Module):
         """Encode a batch: every modality the batch has and a term needs (captions always)."""
         b, device = video.shape[0], video.device
         if video.shape[2] > self.video_encoder.num_frames:
-            windows, window_mask, tokens, token_mask = self._windowed(video)
-            emb = masked_mean(windows, window_mask)
+            _, _, tokens, token_mask, emb = self._windowed(video)
         else:
             out = self.video_encoder(video, self._video_mask(video))
             emb, tokens = self.video_proj(out.pooled), out.tokens
@@ -487,6 +518,13 @@ class VideoTextAligner(nn.Module):
         return AlignerFeatures(video=v, caption=caption, audio=aud, speech=speech)
 
     # -- losses --------------------------------------------------------------------------------
+
+    def audio_video_embedding(self, f: AlignerFeatures) -> torch.Tensor | None:
+        """``[B, E]`` (not normalised): the clip as AVTC sees it, ``av_fusion`` over its video and audio
+        embeddings (zeros for a clip without audio); None without ``av_fusion`` or without audio."""
+        if self.av_fusion is None or f.audio is None:
+            return None
+        return self.av_fusion(torch.cat([f.video.emb, f.audio.emb], dim=-1))
 
     def _contrastive_terms(self, f: AlignerFeatures, ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
         v, cap, aud, sp = f.video, f.caption, f.audio, f.speech

@@ -154,9 +154,16 @@ class HierarchicalTemporalEncoder(nn.Module):
 
     def forward(self, video: torch.Tensor, frame_mask: torch.Tensor | None = None) -> HTEOutput:
         windows, window_mask = self.split_windows(video, frame_mask)
-        b = video.shape[0]
-        n_win = window_mask.shape[1]
         slots, pooled = self.encode_windows(windows)  # [B*W, k, D], [B*W, E]
+        return self.aggregate_windows(slots, pooled, window_mask)
+
+    def aggregate_windows(
+        self, slots: torch.Tensor, pooled: torch.Tensor, window_mask: torch.Tensor
+    ) -> HTEOutput:
+        """Steps 3-4 on windows an owner has already encoded: ``slots [B * W, k, D]`` (``reduce`` of the
+        encoder's tokens), ``pooled [B * W, E]`` and ``window_mask [B, W]`` (the stage-2 aligner encodes
+        the windows once, token-masked, for its fusion and for this)."""
+        b, n_win = window_mask.shape
         k, d = self.tokens_per_window, self.dim
         if self.aggregate == "mean":  # the mean over real windows: no order across windows
             x = slots.reshape(b, n_win, k, d) + self.slot_embed[None, None]

@@ -57,6 +57,10 @@ class ContrastiveStage(BaseStage):
     ``CrossModalFusion`` arguments) or ``bert``: the official fusion in BERT's upper layers from
     ``text.fusion_layer`` on (``text_model`` must then be ``bert`` or a local BERT folder, e.g.
     ``bert-large-uncased`` with ``text: {fusion_layer: 19}``); see the aligner.
+    ``temporal``: :class:`~iv2_lightning.models.temporal.HierarchicalTemporalEncoder` arguments (e.g.
+    ``{aggregate: transformer, depth: 2, tokens_per_window: 4}``): clips longer than the trunk's frames
+    are embedded by the HTE over their windows, trained here by the contrastive terms, and
+    ``iv2 embed`` uses it (``configs/stage2/tiny_hte.yaml``); None: the mean of the windows.
     ``vtc, atc, vac, vsc, avtc, vtm, mlm``: loss weights (0 switches a term and its modules off).
     None (the default, except ``mlm``): on at its default weight (vtc 1, the others 0.5) when the
     data provides the term's fields (``data_fields``; ``TERM_FIELDS``), off otherwise, on when
@@ -103,6 +107,7 @@ class ContrastiveStage(BaseStage):
         prompt_templates: list[str] | None = None,
         rerank_k: int = 0,
         visual_clips: int = 16,
+        temporal: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if text_pooling not in ("auto", "cls", "mean"):
@@ -149,12 +154,15 @@ class ContrastiveStage(BaseStage):
             text_pooling=pooling,
             video_mask_ratio=hp.video_mask_ratio,
             gather_distributed=hp.gather_distributed,
+            temporal=hp.temporal,
             **weights,
         )
 
     def configure_metrics(self) -> None:
         match = self.model.match_scores if self.rerank_k > 0 and self.model.itm_head is not None else None
         self.retrieval = RetrievalMetric(self.rerank_k if match is not None else 0, match)
+        # caption -> clip retrieval with the sound too: the AVTC embedding (logged as av_t2v_r1, ...)
+        self.retrieval_av = RetrievalMetric()
         self.zero_shot = ZeroShotAccuracy()
 
     def configure_callbacks(self) -> list[ContrastivePictures]:
@@ -207,6 +215,9 @@ class ContrastiveStage(BaseStage):
             text, present = torch.zeros_like(video), batch.present("caption")
         tokens, masks = self.model.match_inputs(f) if self.retrieval.rerank_k > 0 else (None, None)
         self.retrieval.update(video, text, batch.sample_id, present, tokens, masks)
+        av = self.model.audio_video_embedding(f)
+        if av is not None:
+            self.retrieval_av.update(F.normalize(av.detach().float(), dim=-1), text, batch.sample_id, present)
         if self._class_emb is not None:
             labels = batch.label if batch.label is not None else torch.full_like(batch.sample_id, -100)
             self.zero_shot.update(video, self._class_emb, labels)
@@ -220,6 +231,9 @@ class ContrastiveStage(BaseStage):
 
     def _eval_epoch_end(self, prefix: str) -> None:
         metrics = dict(self.retrieval.compute()) if self.retrieval.update_count else {}
+        if self.retrieval_av.update_count:
+            metrics |= {f"av_{k}": v for k, v in self.retrieval_av.compute().items()}
+        self.retrieval_av.reset()
         if self.zero_shot.update_count:
             zs = self.zero_shot.compute()
             if not bool(torch.isnan(zs)):

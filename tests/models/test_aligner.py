@@ -201,3 +201,49 @@ def test_bad_arguments():
     video, text = build_video_encoder("tiny", **TINY), TextEncoder(vocab_size=260, **TEXT)
     with pytest.raises(ValueError, match="mlm > 0 needs a tokenizer with a mask token"):
         VideoTextAligner(video, text, NoMask(), atc=0, vac=0, avtc=0, mlm=0.5)
+
+
+# -- the HTE over long clips (temporal=...) ---------------------------------------------------------
+
+
+def hte_aligner(aggregate: str = "transformer", seed: int = 0) -> VideoTextAligner:
+    return aligner(seed, audio=False, temporal={"aggregate": aggregate, "depth": 1, "tokens_per_window": 2})
+
+
+def test_long_clips_go_through_the_trained_hte_in_order():
+    """With ``temporal``, a long clip's embedding is video_proj of the HTE: swapping its two windows
+    changes it (the mean of the windows cannot tell), and it is what encode_video gives."""
+    g = torch.Generator().manual_seed(3)
+    video = torch.randn(2, 3, 8, 32, 32, generator=g)  # 2 windows of the trunk's 4 frames
+    swapped = torch.cat([video[:, :, 4:], video[:, :, :4]], dim=2)
+    for aggregate, order_matters in (("transformer", True), ("mean", False)):
+        model = hte_aligner(aggregate).eval()
+        with torch.no_grad():
+            clip, windows, mask = model.encode_video_windows(video)
+            clip_swapped = model.encode_video_windows(swapped)[0]
+            assert torch.allclose(model.encode_video(video), clip)
+            assert windows.shape == (2, 2, 16) and mask.all()
+            hte = model.temporal_encoder(video).embedding  # the HTE on its own, windows encoded inside it
+            assert torch.allclose(
+                clip, torch.nn.functional.normalize(model.video_proj(hte), dim=-1), atol=1e-5
+            )
+        moved = (clip - clip_swapped).abs().max()
+        assert (moved > 1e-3) if order_matters else (moved < 1e-5), (aggregate, float(moved))
+    plain = aligner(audio=False).eval()
+    with torch.no_grad():  # without temporal: the normalised mean of the window embeddings
+        clip, windows, mask = plain.encode_video_windows(video)
+        assert torch.allclose(clip, torch.nn.functional.normalize(windows.mean(1), dim=-1), atol=1e-6)
+
+
+def test_the_contrastive_terms_train_the_hte_and_its_parameters_are_saved():
+    model = hte_aligner()
+    b = batch(n=4, frames=8)
+    out = model(**inputs(b))
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.temporal_encoder.named_parameters()}
+    assert grads["blocks.0.attn.qkv.weight"] is not None and grads["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    keys = model.state_dict().keys()
+    assert "temporal_encoder.blocks.0.attn.qkv.weight" in keys
+    assert not any(k.startswith("temporal_encoder.encoder.") for k in keys)  # the trunk is saved once
+    with pytest.raises(ValueError, match=r"temporal\.out_dim must be the encoder's pooled width"):
+        aligner(audio=False, temporal={"out_dim": 7})
