@@ -405,6 +405,8 @@ def test_trainer_fit_validate_test_log_the_metrics(tmp_path):
         "val/t2v_r5_dsl",
         "val/v2t_r1_dsl",
         "val/zs_acc",
+        "val/av_t2v_r1",  # caption -> clip with the sound (the AVTC embedding)
+        "val/av_v2t_r1",
         "val/gate_video_text",
         "val/gate_text_video",
     ):
