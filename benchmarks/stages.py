@@ -1,5 +1,7 @@
-"""Whole-stage throughput of the tiny configs against the code of a baseline commit, and the MFU of
-each tiny stage's bare training step.
+"""Whole-stage throughput of the tiny stages against the code of a baseline commit, and the MFU of
+each tiny stage's bare training step. Each tree's stage runs with the config files that tree's main job
+(``configs/curriculum/tiny.yaml``) gives it, so a stage the curriculum reconfigured (stage 2 on BERT
+fusion) is timed as the main job runs it.
 
 ``python -m benchmarks.stages [--baseline REF] [--full]`` (from the repository root). For each tiny
 stage config (stage 1, 2, 3) it runs ``iv2 fit`` of the baseline commit (its own code and configs,
@@ -68,12 +70,26 @@ def baseline_tree(ref: str) -> Path:
     return path
 
 
+def stage_configs(tree: Path, stage: str) -> list[Path]:
+    """The config files ``tree``'s main job (``configs/curriculum/tiny.yaml``) fits ``stage`` with
+    (stage 2 adds the BERT-fusion overlay since the curriculum adopted it); ``configs/<stage>/tiny.yaml``
+    when the curriculum does not name the stage."""
+    curriculum = tree / "configs" / "curriculum" / "tiny.yaml"
+    if curriculum.is_file():
+        for entry in yaml.safe_load(curriculum.read_text()).get("stages", []):
+            if entry.get("name") == stage:
+                return [(curriculum.parent / c).resolve() for c in entry["configs"]]
+    return [tree / "configs" / stage / "tiny.yaml"]
+
+
 def time_fit(tree: Path, stage: str, epochs: int | None, threads: int) -> dict:
-    """Wall seconds of one ``iv2 fit`` of ``tree``'s tiny config of ``stage`` in a fresh process."""
-    config = tree / "configs" / stage / "tiny.yaml"
-    clips, epochs = training_clips(config, epochs)
+    """Wall seconds of one ``iv2 fit`` of ``tree``'s main-job configs of ``stage`` in a fresh process."""
+    configs = stage_configs(tree, stage)
+    clips, epochs = training_clips(configs[0], epochs)
     with tempfile.TemporaryDirectory() as out:
-        cmd = [sys.executable, "-m", "iv2_lightning", "fit", "--config", str(config)]
+        cmd = [sys.executable, "-m", "iv2_lightning", "fit"] + [
+            a for c in configs for a in ("--config", str(c))
+        ]
         cmd += ["--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", out]
         cmd += ["--trainer.enable_progress_bar", "false", "--trainer.logger", "false"]
         env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
@@ -119,8 +135,8 @@ def config_step(configs: list[Path]):
 
 
 def step_mfu(stage: str, threads: int, reps: int = 5) -> dict:
-    """FLOPs, time and MFU of the bare step of ``configs/<stage>/tiny.yaml`` (one batch, no Lightning)."""
-    step, batch, _ = config_step([ROOT / "configs" / stage / "tiny.yaml"])
+    """FLOPs, time and MFU of the bare step of ``stage`` as the main job configures it (one batch, no Lightning)."""
+    step, batch, _ = config_step(stage_configs(ROOT, stage))
     step()
     flops = count_flops(step)
     times, rates = [], []

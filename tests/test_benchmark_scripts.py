@@ -50,6 +50,15 @@ def test_stage_clip_count_follows_the_config(tmp_path):
     assert stages.training_clips(cfg, None) == (3 * 2 * 32, 3)
     cfg.write_text("data: {init_args: {train_size: 100, batch_size: 32}}\ntrainer: {max_epochs: 3}\n")
     assert stages.training_clips(cfg, 2) == (2 * 4 * 32, 2)
+    # each stage as the main job configures it: stage 2 with the BERT-fusion overlay
+    root = Path(stages.ROOT)
+    assert stages.stage_configs(root, "stage2") == [
+        (root / "configs/stage2/tiny.yaml").resolve(),
+        (root / "configs/stage2/fusion/bert_tiny.yaml").resolve(),
+    ]
+    assert stages.stage_configs(tmp_path, "stage1") == [
+        tmp_path / "configs/stage1/tiny.yaml"
+    ]  # no curriculum
 
 
 def test_docs_rewrite_keeps_the_sections_other_scripts_wrote(tmp_path, monkeypatch):
