@@ -31,9 +31,10 @@ What this model follows from the official stage-2 recipe (OpenGVLab/InternVideo,
   through the encoder on its own and the clip embedding is the normalised mean of the normalised
   window embeddings; :meth:`VideoTextAligner.encode_video_windows` returns the window embeddings too.
   With ``temporal`` (:class:`~iv2_lightning.models.temporal.HierarchicalTemporalEncoder` arguments),
-  a long clip's embedding is instead ``video_proj`` of the HTE's clip embedding: its attention pool
-  and temporal transformer read the windows (encoded once, as above) in order, and contrast with the
-  caption train them, so a caption that says in which order things happen can find its clip.
+  a long clip's embedding is instead ``video_proj`` of the mean of the windows' pooled features plus
+  the HTE's clip embedding (its head starts at zero): the HTE's attention pool and temporal
+  transformer read the windows (encoded once, as above) in order, and contrast with the caption
+  trains them, so a caption that says in which order things happen can find its clip.
 
 Rows whose modality is absent are masked out of every term; a term is skipped (absent from
 ``terms``) when fewer than two rows of the whole, gathered, batch have its modalities. The layout
@@ -258,6 +259,12 @@ class VideoTextAligner(nn.Module):
                 )
             given.pop("own_encoder", None)
             self.temporal_encoder = HierarchicalTemporalEncoder(video_encoder, own_encoder=False, **given)
+            # a residual over the mean of the windows' pooled features, its head starting at zero: a
+            # pretrained video_proj reads a long clip as the window mean from the first step, and the
+            # temporal transformer only has to add what the order says (from a random head the
+            # order-free mean twin learned faster than the HTE: zero-shot 24% vs 11% after 3 epochs)
+            nn.init.zeros_(self.temporal_encoder.head.weight)
+            nn.init.zeros_(self.temporal_encoder.head.bias)
         self.text_proj = ProjectionHead(text_encoder.dim, embed_dim)
         self.audio_proj = ProjectionHead(audio_encoder.dim, embed_dim) if use_audio else None
         self.av_fusion = nn.Linear(2 * embed_dim, embed_dim) if avtc > 0 else None
@@ -403,9 +410,8 @@ class VideoTextAligner(nn.Module):
         tokens = out.tokens.reshape(b, w * out.tokens.shape[1], -1)
         if self._uses_hte(window):
             hte = self.temporal_encoder
-            clip = self.video_proj(
-                hte.aggregate_windows(hte.reduce(out.tokens), out.pooled, window_mask).embedding
-            )
+            order = hte.aggregate_windows(hte.reduce(out.tokens), out.pooled, window_mask).embedding
+            clip = self.video_proj(masked_mean(out.pooled.reshape(b, w, -1), window_mask) + order)
         else:
             clip = masked_mean(emb, window_mask)
         return emb, window_mask, tokens, window_mask.repeat_interleave(out.tokens.shape[1], dim=1), clip

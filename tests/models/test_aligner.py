@@ -218,15 +218,20 @@ def test_long_clips_go_through_the_trained_hte_in_order():
     swapped = torch.cat([video[:, :, 4:], video[:, :, :4]], dim=2)
     for aggregate, order_matters in (("transformer", True), ("mean", False)):
         model = hte_aligner(aggregate).eval()
+        hte_module = model.temporal_encoder
         with torch.no_grad():
+            # the HTE's head starts at zero: a long clip starts as video_proj of its windows' mean
+            mean_pooled = hte_module(video).window_embeddings.mean(dim=1)
+            start = F.normalize(model.video_proj(mean_pooled), dim=-1)
+            assert torch.allclose(model.encode_video(video), start, atol=1e-5)
+            torch.nn.init.normal_(hte_module.head.weight, std=0.5)  # as training moves it
             clip, windows, mask = model.encode_video_windows(video)
             clip_swapped = model.encode_video_windows(swapped)[0]
             assert torch.allclose(model.encode_video(video), clip)
             assert windows.shape == (2, 2, 16) and mask.all()
-            hte = model.temporal_encoder(video).embedding  # the HTE on its own, windows encoded inside it
-            assert torch.allclose(
-                clip, torch.nn.functional.normalize(model.video_proj(hte), dim=-1), atol=1e-5
-            )
+            hte = hte_module(video)  # the HTE on its own, windows encoded inside it
+            expected = model.video_proj(hte.window_embeddings.mean(dim=1) + hte.embedding)
+            assert torch.allclose(clip, F.normalize(expected, dim=-1), atol=1e-5)
         moved = (clip - clip_swapped).abs().max()
         assert (moved > 1e-3) if order_matters else (moved < 1e-5), (aggregate, float(moved))
     plain = aligner(audio=False).eval()
@@ -240,8 +245,12 @@ def test_the_contrastive_terms_train_the_hte_and_its_parameters_are_saved():
     b = batch(n=4, frames=8)
     out = model(**inputs(b))
     out.loss.backward()
-    grads = {n: p.grad for n, p in model.temporal_encoder.named_parameters()}
-    assert grads["blocks.0.attn.qkv.weight"] is not None and grads["blocks.0.attn.qkv.weight"].abs().sum() > 0
+    head = model.temporal_encoder.head
+    assert head.weight.grad.abs().sum() > 0  # the zero-started head learns first...
+    torch.nn.init.normal_(head.weight, std=0.1)
+    model.zero_grad()
+    model(**inputs(b)).loss.backward()  # ...and through it the temporal transformer
+    assert model.temporal_encoder.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     keys = model.state_dict().keys()
     assert "temporal_encoder.blocks.0.attn.qkv.weight" in keys
     assert not any(k.startswith("temporal_encoder.encoder.") for k in keys)  # the trunk is saved once
