@@ -164,7 +164,9 @@ def markdown(res: dict) -> str:
         "",
         f"`python -m benchmarks.stages` ({res['mode']}), {res['date']}, {res['cpu']}, {res['threads']} threads; "
         f"fp32 1024³ matmul {res['matmul_gflops_fp32']:.0f} GFLOP/s at the start. Baseline: commit "
-        f"`{res['baseline']}` (its own code and configs, from a git worktree); current: the working tree. "
+        f"`{res['baseline']}` (its own code and configs, from a git worktree); current: the working tree; each "
+        "with the stage configs of its own main job (`configs/curriculum/tiny.yaml`: stage 2 now adds the "
+        "BERT-fusion overlay). "
         "Each fit is a fresh process (start-up, data, training, validation, checkpoints all counted), the two "
         "alternating; clips/s = training clips / wall seconds; speedup: median of the per-round ratios, "
         "with the range when a stage ran more than one round.",
