@@ -530,7 +530,11 @@ class VideoTextAligner(nn.Module):
         embeddings (zeros for a clip without audio); None without ``av_fusion`` or without audio."""
         if self.av_fusion is None or f.audio is None:
             return None
-        return self.av_fusion(torch.cat([f.video.emb, f.audio.emb], dim=-1))
+        return self._fuse_audio_video(f.video.emb, f.audio.emb)
+
+    def _fuse_audio_video(self, video_emb: torch.Tensor, audio_emb: torch.Tensor) -> torch.Tensor:
+        # the one AVTC fusion, for the loss and for evaluation alike
+        return self.av_fusion(torch.cat([video_emb, audio_emb], dim=-1))
 
     def _contrastive_terms(self, f: AlignerFeatures, ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
         v, cap, aud, sp = f.video, f.caption, f.audio, f.speech
@@ -549,7 +553,7 @@ class VideoTextAligner(nn.Module):
             "vtc": (lambda: v.emb, cap_emb, cap_p, cap is not None),
             "atc": (lambda: aud_emb, cap_emb, aud_p & cap_p, with_audio),
             "avtc": (
-                lambda: self.av_fusion(torch.cat([v.emb, aud_emb], dim=-1)),
+                lambda: self._fuse_audio_video(v.emb, aud_emb),
                 cap_emb,
                 aud_p & cap_p,
                 with_audio,
