@@ -430,6 +430,27 @@ class VideoEncoder(nn.Module):
         self, video: torch.Tensor, mask: torch.Tensor | None = None, return_hidden: int = 0
     ) -> VideoEncoderOutput:
         grid = self.patch_embed.grid(tuple(video.shape))
+        if mask is None and not return_hidden:
+            x, hidden = self.embed_tokens(video), []
+        else:
+            x, mask, hidden = self._tokens(video, grid, mask, return_hidden)
+        if self.clip_projector is not None:
+            pooled = self.clip_projector(x)
+        else:
+            pooled = masked_mean(x[:, self.num_prefix :], None)
+        return VideoEncoderOutput(
+            tokens=x, pooled=pooled, mask=mask, grid=grid, hidden_states=hidden, num_prefix=self.num_prefix
+        )
+
+    def embed_tokens(self, video: torch.Tensor) -> torch.Tensor:
+        """The last block's tokens ``[B, num_prefix + N, D]`` of whole clips (no mask), before the
+        attention pool: the part of ``forward`` a frozen trunk's feature cache memoises
+        (:func:`~iv2_lightning.models.feature_cache.cache_video_trunk`)."""
+        return self._tokens(video, self.patch_embed.grid(tuple(video.shape)), None, 0)[0]
+
+    def _tokens(
+        self, video: torch.Tensor, grid: tuple[int, int, int], mask: torch.Tensor | None, return_hidden: int
+    ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
         b = video.shape[0]
         x = self.patch_embed(video)
         n = x.shape[1]
@@ -455,14 +476,7 @@ class VideoEncoder(nn.Module):
             x = self._run_block(i, blk, x, layout)
             if return_hidden and i >= len(self.blocks) - return_hidden:
                 hidden.append(x)
-
-        if self.clip_projector is not None:
-            pooled = self.clip_projector(x)
-        else:
-            pooled = masked_mean(x[:, self.num_prefix :], None)
-        return VideoEncoderOutput(
-            tokens=x, pooled=pooled, mask=mask, grid=grid, hidden_states=hidden, num_prefix=self.num_prefix
-        )
+        return x, mask, hidden
 
 
 # -- presets -----------------------------------------------------------------------------------

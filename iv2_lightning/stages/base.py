@@ -28,6 +28,9 @@ clipping). Names in ``freeze``, ``lr_mult`` and ``init_prefix_map`` are relative
 (``video_encoder.blocks``), as in an export. ``compile``: ``torch.compile`` each repeated block of
 the model (regional compilation, :mod:`iv2_lightning.models.compile`); the first training step then
 includes the compilation, and parameter names and checkpoints stay as in eager mode.
+``cache_frozen``: a frozen video trunk's tokens are computed once per distinct clip and read back in
+later epochs and validations (:mod:`iv2_lightning.models.feature_cache`; exact, keyed on the clip's
+bytes), for stages that keep the trunk frozen on fixed clips (stage 3, probes, the stage-2 HTE).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from iv2_lightning.models.audio import AudioEncoder
 from iv2_lightning.models.backbone import VideoEncoder, preset_config
 from iv2_lightning.models.bert import BERT_PRESETS, BertConfig, BertTextEncoder
 from iv2_lightning.models.compile import compile_blocks
+from iv2_lightning.models.feature_cache import FeatureCache, cache_video_trunk
 from iv2_lightning.models.text import HFTextEncoder, TextEncoder, build_tokenizer
 from iv2_lightning.models.weights import (
     STAGE_MODEL_PREFIX,
@@ -132,6 +136,7 @@ class BaseStage(L.LightningModule, abc.ABC):
         lr_mult: dict[str, float] | None = None,
         max_bad_steps: int = 5,
         compile: bool = False,
+        cache_frozen: bool = False,
     ) -> None:
         super().__init__()
         # collects the arguments of the subclass __init__ too (Lightning walks the __init__ frames)
@@ -180,6 +185,29 @@ class BaseStage(L.LightningModule, abc.ABC):
             self.freeze_parameters(self.freeze_names)
         # regional torch.compile of the repeated blocks (models/compile.py); parameter names unchanged
         self.compiled_blocks: list[str] = compile_blocks(self.model) if compile else []
+        self.feature_cache: FeatureCache | None = self.cache_frozen_trunk() if cache_frozen else None
+
+    def cache_frozen_trunk(self) -> FeatureCache:
+        """Memoise the frozen video trunk's tokens of whole clips (``cache_frozen: true``,
+        :mod:`iv2_lightning.models.feature_cache`): later epochs read them instead of recomputing.
+        Its attention pool (``clip_projector``) may train; every other trunk parameter must be frozen."""
+        encoder = getattr(self.model, "video_encoder", None)
+        if not isinstance(encoder, VideoEncoder):
+            raise ValueError(
+                f"cache_frozen: {type(self.model).__name__} has no VideoEncoder at video_encoder"
+            )
+        training = [
+            f"video_encoder.{n}"
+            for n, p in encoder.named_parameters()
+            if p.requires_grad and not n.startswith("clip_projector.")
+        ]
+        if training:
+            raise ValueError(
+                f"cache_frozen: the video trunk trains ({training[0]} and {len(training) - 1} more "
+                "parameters), so its tokens change every step; freeze it (freeze: [video_encoder] or its "
+                "patch_embed, pos_embed, cls_token and blocks) or set cache_frozen: false"
+            )
+        return cache_video_trunk(encoder)
 
     # -- hooks for subclasses ------------------------------------------------------------------
 
@@ -375,6 +403,12 @@ class BaseStage(L.LightningModule, abc.ABC):
     def on_train_epoch_start(self) -> None:
         for name in self.frozen_modules():
             getattr(self.model, name).eval()  # no dropout / drop-path / batch statistics in frozen parts
+
+    def on_train_epoch_end(self) -> None:
+        cache = self.feature_cache
+        if cache is not None and cache.hits + cache.misses:
+            # share of trunk rows read from the cache so far (epoch 1: 0, later epochs of fixed clips: ~1)
+            self.log("train/feature_cache_hit_rate", cache.hits / (cache.hits + cache.misses))
 
     # -- optimisation --------------------------------------------------------------------------
 

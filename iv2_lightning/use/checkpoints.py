@@ -139,6 +139,7 @@ def load_model(path: str | os.PathLike, kind: type) -> LoadedModel:
     cls = _stage_class(ckpt_path, hparams, kind)
     kwargs = {k: v for k, v in hparams.items() if not k.startswith("_")}
     kwargs["init_from"] = None  # the checkpoint has every weight; do not read the original source again
+    kwargs["cache_frozen"] = False  # use embeds each clip once: a feature cache would only hold memory
     stage = cls(**kwargs)
     stage.on_load_checkpoint(ckpt)  # as Lightning's own loading does (old layouts, frame counts)
     try:
