@@ -37,3 +37,45 @@ def test_freeze_backbone_freezes_the_encoder_and_keeps_the_freeze_argument():
 def test_label_names_must_match_the_classes():
     with pytest.raises(ValueError, match="label_names has 2 names for num_classes=4"):
         ActionStage(num_classes=4, encoder=dict(TINY), label_names=["left", "right"])
+
+
+def test_cache_frozen_probe_trains_as_without_it_and_reads_the_cache():
+    """A frozen-trunk probe over 3 epochs of fixed synthetic clips: the cached run ends with the same
+    head weights as the uncached one, and from epoch 2 every trunk row comes from the cache."""
+    import lightning as L
+
+    from iv2_lightning.data import SyntheticVideoDataModule
+
+    heads = {}
+    for cached in (False, True):
+        L.seed_everything(0, verbose=False)
+        data = SyntheticVideoDataModule(
+            num_frames=8,
+            image_size=32,
+            batch_size=8,
+            train_size=16,
+            val_size=8,
+            test_size=0,
+            num_workers=0,
+            cache=True,
+            modalities=["label"],
+        )
+        stage = ActionStage(
+            num_classes=4, encoder={**TINY, "num_frames": 8}, freeze_backbone=True, cache_frozen=cached
+        )
+        L.Trainer(
+            max_epochs=3,
+            accelerator="cpu",
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        ).fit(stage, data)
+        heads[cached] = {k: v.clone() for k, v in stage.model.head.state_dict().items()}
+        if cached:
+            cache = stage.feature_cache
+            # sanity validation (8) + epoch 1 (16) + its validation (8, the same val clips) miss or hit once
+            assert cache.misses == 24 and cache.passed == 0
+            assert cache.hits == 3 * 8 + 2 * 16  # every later validation and epoch: all rows cached
+    for k in heads[False]:
+        torch.testing.assert_close(heads[True][k], heads[False][k], rtol=1e-4, atol=1e-5)
