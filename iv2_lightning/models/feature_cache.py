@@ -11,6 +11,8 @@ ids and is exact by construction: an augmented or re-rendered clip is a differen
 computed, never answered from a neighbour. A call is passed through untouched (computed, not stored)
 whenever the result could differ from a fresh forward: gradients wanted (some parameter of the
 wrapped part trains, or the input requires grad), or a stochastic layer (dropout, drop-path) active.
+Weights written in place after rows were stored (``load_state_dict``, a resumed checkpoint) empty the
+cache before the next lookup.
 Rows computed in a different batch agree with a whole-batch forward to float rounding (about 1e-6).
 
 Memory: one row of tokens per distinct clip (the tiny trunk: 65 x 128 floats = 33 kB), at most
@@ -64,11 +66,16 @@ class FeatureCache:
         self.max_items = max_items
         self.rows: OrderedDict[bytes, torch.Tensor] = OrderedDict()
         self.hits = self.misses = self.passed = 0
+        self.version = self._weights_version()
 
     def cacheable(self, x: torch.Tensor) -> bool:
-        if x.requires_grad or (torch.is_grad_enabled() and any(p.requires_grad for p in self.params)):
+        # a parameter that trains makes stored rows stale at the next step, with or without autograd
+        if x.requires_grad or any(p.requires_grad for p in self.params):
             return False
         return not _stochastic(self.modules)
+
+    def _weights_version(self) -> tuple[int, ...]:
+        return tuple(p._version for p in self.params)  # bumped by every in-place write (load_state_dict)
 
     @staticmethod
     def key(row: torch.Tensor) -> bytes:
@@ -81,6 +88,10 @@ class FeatureCache:
         if not self.cacheable(x):
             self.passed += 1
             return self.fn(x)
+        version = self._weights_version()
+        if version != self.version:  # new weights were loaded into the wrapped part: forget its rows
+            self.rows.clear()
+            self.version = version
         keys = [self.key(row) for row in x]
         missing = [i for i, k in enumerate(keys) if k not in self.rows]
         self.hits += len(keys) - len(missing)

@@ -115,3 +115,19 @@ def test_stage_option_refuses_a_trunk_that_trains():
     stage = ActionStage(num_classes=4, preset="tiny", encoder=TINY, freeze_backbone=True, cache_frozen=True)
     assert stage.feature_cache is stage.model.video_encoder._feature_cache
     assert isinstance(stage.model.video_encoder.embed_tokens, FeatureCache)
+
+
+def test_new_weights_empty_the_cache():
+    enc = frozen_encoder()
+    cache = cache_video_trunk(enc)
+    clips = torch.randn(2, 3, 8, 64, 64)
+    before = enc(clips).tokens
+    other = frozen_encoder()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(1.5)
+    enc.load_state_dict(other.state_dict())  # copies in place: the parameters' versions move
+    after = enc(clips).tokens
+    assert cache.hits == 0 and cache.misses == 4
+    torch.testing.assert_close(after, other(clips).tokens, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(after, before)
