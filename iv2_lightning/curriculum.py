@@ -5,7 +5,8 @@ arguments) run in its own folder ``<output_dir>/<name>``, with two callbacks add
 (``checkpoints/last.ckpt`` rewritten atomically at the end of every epoch, with the random generators,
 for resuming) and :class:`~iv2_lightning.callbacks.StageTransition` (the shared weights and a
 manifest in ``<name>/export``). A stage with ``init_from: <earlier stage>`` starts from that stage's
-export. Rerunning the same command after a crash or a kill skips every stage whose export is complete
+export; ``{export:<earlier stage>}`` inside a stage's ``args`` becomes that stage's export folder (a
+teacher for stage 1 to distil: ``--model.init_args.teacher=[{export:teacher}, random]``). Rerunning the same command after a crash or a kill skips every stage whose export is complete
 and matches its manifest (size and sha256 of the weights), and resumes an interrupted stage from the
 newest checkpoint in its ``checkpoints/`` that loads (a damaged one is passed over with a warning;
 one that would run code when unpickled stops the command, naming the file). With the same seed, on
@@ -44,6 +45,7 @@ import argparse
 import json
 import logging
 import operator
+import re
 import sys
 import time
 from pathlib import Path
@@ -73,6 +75,9 @@ OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
 class CurriculumConfigError(ValueError):
     pass
+
+
+EXPORT_REF = re.compile(r"\{export:([^{}]+)\}")
 
 
 def _flatten(args: list[Any]) -> list[str]:
@@ -121,6 +126,14 @@ def load_curriculum(path: str | Path) -> dict[str, Any]:
             configs.append(str(p))
         stage["configs"] = configs
         stage["args"] = _flatten(stage.get("args") or [])
+        # {export:<stage>} in an argument: that earlier stage's export folder (e.g. a teacher to distil)
+        stage["exports"] = sorted({ref for a in stage["args"] for ref in EXPORT_REF.findall(a)})
+        for ref in stage["exports"]:
+            if ref not in names:
+                raise CurriculumConfigError(
+                    f"{where} ({stage['name']}): args refer to {{export:{ref}}}, which is not an "
+                    f"earlier stage {names}"
+                )
         stage.setdefault("report", {})
         names.append(stage["name"])
     for key, rule in (cfg.get("targets") or {}).items():
@@ -178,7 +191,8 @@ def stage_args(stage: dict[str, Any], stage_dir: Path, seed: int, init_dir: Path
     args = ["fit"]
     for c in stage["configs"]:
         args += ["--config", c]
-    args += [str(a) for a in stage["args"]]
+    out = stage_dir.parent
+    args += [EXPORT_REF.sub(lambda m: str(out / m.group(1) / "export"), str(a)) for a in stage["args"]]
     args += [
         f"--trainer.default_root_dir={stage_dir}",
         f"--seed_everything={seed}",
@@ -377,6 +391,10 @@ def curriculum_main(argv: list[str] | None = None) -> int:
             continue
         if chosen is not None and name not in chosen:
             continue
+        waiting = [ref for ref in stage.get("exports", []) if read_manifest(out / ref) is None]
+        if waiting:
+            console.print(f"[red]{name} uses the export of {waiting[0]}, which has not finished[/red]")
+            return 1
         init_dir = None
         if stage.get("init_from"):
             init_dir = out / stage["init_from"] / "export"

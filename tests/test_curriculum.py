@@ -92,6 +92,13 @@ def test_bad_curriculum_files_name_the_key(tmp_path):
     bad.write_text(f"stages:\n  - name: s1\n    configs: [{SMOKE}]\n    init_from: s0\n")
     with pytest.raises(CurriculumConfigError, match="init_from 's0' is not an earlier stage"):
         load_curriculum(bad)
+    bad.write_text(
+        f"stages:\n  - name: s1\n    configs: [{SMOKE}]\n    args: ['--model.init_args.teacher={{export:s0}}']\n"
+    )
+    with pytest.raises(
+        CurriculumConfigError, match=r"args refer to \{export:s0\}, which is not an earlier stage"
+    ):
+        load_curriculum(bad)
     bad.write_text("stages:\n  - name: s1\n    configs: [missing.yaml]\n")
     with pytest.raises(CurriculumConfigError, match=r"config missing\.yaml not found"):
         load_curriculum(bad)
@@ -145,3 +152,27 @@ def test_bad_claims_name_the_key(tmp_path, claim, message):
 def test_machine_figure_is_a_positive_rate():
     m = machine_figure(threads=1, n=128, reps=2)
     assert m["threads"] == 1 and m["matmul_fp32_gflops"] > 0
+
+
+def test_export_of_an_earlier_stage_in_args(tmp_path):
+    """{export:<stage>} in a stage's args is that earlier stage's export folder (a teacher to distil)."""
+    from iv2_lightning.curriculum import stage_args
+
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        f"stages:\n  - name: teacher\n    configs: [{SMOKE}]\n"
+        f"  - name: stage1\n    configs: [{SMOKE}]\n"
+        "    args: ['--model.init_args.teacher=[{export:teacher}, random]']\n"
+    )
+    cfg = load_curriculum(cfg_file)
+    stage = cfg["stages"][1]
+    assert stage["exports"] == ["teacher"]
+    args = stage_args(stage, tmp_path / "out" / "stage1", 0, None)
+    assert f"--model.init_args.teacher=[{tmp_path / 'out' / 'teacher' / 'export'}, random]" in args
+    # the stage waits for its teacher: run alone, it stops naming the missing export
+    assert (
+        curriculum_main(
+            ["--config", str(cfg_file), "--output-dir", str(tmp_path / "out"), "--stages", "stage1"]
+        )
+        == 1
+    )

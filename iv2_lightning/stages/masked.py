@@ -51,7 +51,7 @@ class MaskedVideoStage(BaseStage):
         norm_pix: bool = True,
         raw_pix_weight: float = 0.0,
         teacher: str | list[str] | None = None,
-        teacher_kwargs: dict[str, Any] | list[dict[str, Any]] | None = None,
+        teacher_kwargs: dict[str, Any] | list[dict[str, Any] | None] | None = None,
         teacher_weights: list[float] | None = None,
         teacher_layers: int | list[int] = 1,
         teacher_seed: int = 0,

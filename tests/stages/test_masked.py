@@ -284,3 +284,24 @@ def test_validation_masks_are_fixed_the_ratio_survives_a_checkpoint_and_pictures
     assert resumed.first_val_loss == s.first_val_loss
     assert all(k.startswith("model.") for k in checkpoint["state_dict"])
     resumed.load_state_dict(checkpoint["state_dict"])
+
+
+def test_cli_takes_one_kwargs_entry_per_teacher_with_null_for_none():
+    """`teacher_kwargs: [{...}, null]` from a config or the command line (two teachers, the second
+    built from the student's config), as pair_teacher_args documents."""
+    from pathlib import Path
+
+    from iv2_lightning.lightning_cli import make_cli
+
+    cli = make_cli(
+        [
+            "--config",
+            str(Path(__file__).resolve().parents[2] / "configs" / "stage1" / "tiny.yaml"),
+            "--model.init_args.teacher=[random, random]",
+            "--model.init_args.teacher_kwargs=[{preset: tiny, depth: 1, patch_size: 16, tubelet_size: 2}, null]",
+            "--data.init_args.train_size=8",
+        ],
+        run=False,
+    )
+    first, second = cli.model.model.teachers
+    assert len(first.blocks) == 1 and len(second.blocks) == cli.model.encoder_config["depth"]
