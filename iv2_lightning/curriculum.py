@@ -391,18 +391,16 @@ def curriculum_main(argv: list[str] | None = None) -> int:
             continue
         if chosen is not None and name not in chosen:
             continue
-        waiting = [ref for ref in stage.get("exports", []) if read_manifest(out / ref) is None]
+        # every earlier export the stage reads: its init_from and the {export:<stage>} in its args
+        needed = ([stage["init_from"]] if stage.get("init_from") else []) + stage.get("exports", [])
+        waiting = [ref for ref in needed if read_manifest(out / ref) is None]
         if waiting:
-            console.print(f"[red]{name} uses the export of {waiting[0]}, which has not finished[/red]")
+            console.print(
+                f"[red]{name} needs the export of {waiting[0]}, which has not finished "
+                f"({out / waiting[0] / 'export'})[/red]"
+            )
             return 1
-        init_dir = None
-        if stage.get("init_from"):
-            init_dir = out / stage["init_from"] / "export"
-            if read_manifest(out / stage["init_from"]) is None:
-                console.print(
-                    f"[red]{name} starts from {stage['init_from']}, which has not finished ({init_dir})[/red]"
-                )
-                return 1
+        init_dir = out / stage["init_from"] / "export" if stage.get("init_from") else None
         console.rule(f"{name}")
         try:
             manifests[name] = run_stage(stage, stage_dir, int(cfg["seed"]), init_dir)

@@ -121,6 +121,11 @@ class FeatureCache:
         self.hits = self.misses = self.passed = 0
 
 
+def trunk_parameters(encoder: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters ``embed_tokens`` uses: all of the encoder's but its attention pool."""
+    return [(n, p) for n, p in encoder.named_parameters() if not n.startswith("clip_projector.")]
+
+
 def cache_video_trunk(encoder: nn.Module, max_items: int = 200_000) -> FeatureCache:
     """Memoise ``encoder.embed_tokens`` (a :class:`~iv2_lightning.models.backbone.VideoEncoder`'s
     tokens of whole clips, before its attention pool) in place; the module's parameters, state dict
@@ -128,13 +133,10 @@ def cache_video_trunk(encoder: nn.Module, max_items: int = 200_000) -> FeatureCa
     existing = getattr(encoder, CACHE_ATTR, None)
     if existing is not None:
         return existing
-    pool = getattr(encoder, "clip_projector", None)
-    skip = set() if pool is None else {id(p) for p in pool.parameters()}
-    skip_modules = set() if pool is None else {id(m) for m in pool.modules()}
     cache = FeatureCache(
         encoder.embed_tokens,
-        [p for p in encoder.parameters() if id(p) not in skip],
-        [m for m in encoder.modules() if id(m) not in skip_modules],
+        [p for _, p in trunk_parameters(encoder)],
+        [m for n, m in encoder.named_modules() if not n.startswith("clip_projector")],
         max_items=max_items,
     )
     encoder.embed_tokens = cache  # an instance attribute: shadows the method, not a submodule
@@ -142,4 +144,4 @@ def cache_video_trunk(encoder: nn.Module, max_items: int = 200_000) -> FeatureCa
     return cache
 
 
-__all__ = ["FeatureCache", "cache_video_trunk"]
+__all__ = ["FeatureCache", "cache_video_trunk", "trunk_parameters"]

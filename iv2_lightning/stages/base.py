@@ -53,7 +53,7 @@ from iv2_lightning.models.audio import AudioEncoder
 from iv2_lightning.models.backbone import VideoEncoder, preset_config
 from iv2_lightning.models.bert import BERT_PRESETS, BertConfig, BertTextEncoder
 from iv2_lightning.models.compile import compile_blocks
-from iv2_lightning.models.feature_cache import FeatureCache, cache_video_trunk
+from iv2_lightning.models.feature_cache import FeatureCache, cache_video_trunk, trunk_parameters
 from iv2_lightning.models.text import HFTextEncoder, TextEncoder, build_tokenizer
 from iv2_lightning.models.weights import (
     STAGE_MODEL_PREFIX,
@@ -196,11 +196,7 @@ class BaseStage(L.LightningModule, abc.ABC):
             raise ValueError(
                 f"cache_frozen: {type(self.model).__name__} has no VideoEncoder at video_encoder"
             )
-        training = [
-            f"video_encoder.{n}"
-            for n, p in encoder.named_parameters()
-            if p.requires_grad and not n.startswith("clip_projector.")
-        ]
+        training = [f"video_encoder.{n}" for n, p in trunk_parameters(encoder) if p.requires_grad]
         if training:
             raise ValueError(
                 f"cache_frozen: the video trunk trains ({training[0]} and {len(training) - 1} more "
